@@ -1,0 +1,247 @@
+"""Query allocation across a batch: integers A_j ≥ A_min with Σ_j A_j = N, ask/tell style.
+
+The objective is V(A) = Σ_j c_j / A_j (the trace of the batch estimator's variance, up to 1/B²);
+its continuous optimum is Neyman allocation A_j ∝ √c_j. Allocations are counted in *units*: a
+query for the lr estimator, a (+, −) pair for the antithetic one.
+
+Allocators:
+- uniform:   A_j = N / B.
+- neyman:    A_min pilot units each, then A ∝ √ĉ_pilot: an adaptive oracle with no learning.
+- bernoulli: the heuristic of the FLOPS authors' code: a below-mean-loss example has its units
+             halved with probability 1/2; the rest of the budget is spread over the others.
+- flops:     the learned Gaussian allocator: x ~ N(μ, K), μ_j = β0 + β1 Φ̃_j,
+             K_ij = s² exp(−(1 − cos(e_i, e_j)) / (2γ²)), then A = project_to_budget(max(x, 0)).
+             λ = (β0, β1, s, γ) follows the likelihood-ratio gradient of E[J(A)], J(A) = Σ ĉ_j / A_j.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+ALLOCATORS = ("uniform", "neyman", "bernoulli", "flops")
+
+
+@dataclass
+class BatchFeatures:
+    """What a clean forward gives for free, and, for allocators with a pilot, the pilot's ĉ_j."""
+    losses: np.ndarray               # Φ_j, float [B]
+    embeddings: np.ndarray | None    # e_j, float [B, m]
+    pilot_c_hat: np.ndarray | None = None
+
+
+def variance_objective(c: np.ndarray, allocation: np.ndarray) -> float:
+    """V(A) = Σ_j c_j / A_j."""
+    return float(np.sum(np.asarray(c, np.float64) / allocation))
+
+
+def water_fill(weights: np.ndarray, budget: float, a_min: float) -> np.ndarray:
+    """The real allocation A_j = max(A_min, α w_j) with Σ_j A_j = budget; α is found by sorting.
+    With w = √c this is the continuous minimiser of V under the floor A_min."""
+    w = np.nan_to_num(np.asarray(weights, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    w = np.maximum(w, 0.0)
+    batch = len(w)
+    if budget < batch * a_min:
+        raise ValueError(f"budget {budget} is below batch size × minimum = {batch} × {a_min}")
+    if w.sum() <= 0.0:
+        w = np.ones(batch)
+    ws = w[np.argsort(-w, kind="stable")]
+    k = np.arange(1, batch + 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        alpha = (budget - (batch - k) * a_min) / np.cumsum(ws)
+    # the largest prefix whose smallest member still sits above the floor
+    above = np.nonzero((ws > 0) & (alpha * ws >= a_min))[0]
+    real = np.maximum(float(a_min), (alpha[above[-1]] if len(above) else 0.0) * w)
+    return real * (budget / real.sum())  # absorb the float error of the water level
+
+
+def project_to_budget(weights: np.ndarray, budget: int, a_min: int) -> np.ndarray:
+    """Integers A_j ≥ A_min with Σ_j A_j = budget, closest to water_fill(weights): largest-remainder
+    rounding, ties to the lower index, so the result is deterministic and sums exactly."""
+    real = water_fill(weights, budget, a_min)
+    base = np.maximum(np.floor(real).astype(np.int64), a_min)
+    remainder = budget - int(base.sum())
+    frac = real - base
+    if remainder > 0:
+        base[np.argsort(-frac, kind="stable")[:remainder]] += 1
+    elif remainder < 0:
+        frac[base <= a_min] = np.inf  # never take from an example at the floor
+        base[np.argsort(frac, kind="stable")[:-remainder]] -= 1
+    return base
+
+
+def optimal_integer_allocation(c: np.ndarray, budget: int, a_min: int) -> np.ndarray:
+    """The exact integer minimiser of V(A): V is separable and convex, so greedily giving each
+    next unit to the largest marginal decrease c_j / (A_j (A_j + 1)) is optimal. O(N log B)."""
+    c = np.asarray(c, np.float64)
+    allocation = np.full(len(c), a_min, dtype=np.int64)
+    heap = [(-cj / (a_min * (a_min + 1)), j) for j, cj in enumerate(c)]
+    heapq.heapify(heap)
+    for _ in range(budget - a_min * len(c)):
+        _, j = heapq.heappop(heap)
+        allocation[j] += 1
+        a = allocation[j]
+        heapq.heappush(heap, (-c[j] / (a * (a + 1)), j))
+    return allocation
+
+
+def standardize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    finite = np.isfinite(x)
+    if not finite.any():
+        return np.zeros_like(x)
+    x = np.where(finite, x, x[finite].max())  # a non-finite loss counts as the worst seen
+    std = x.std()
+    return (x - x.mean()) / std if std > 0 else np.zeros_like(x)
+
+
+class UniformAllocator:
+    name = "uniform"
+    pilot_units = 0
+
+    def allocate(self, features: BatchFeatures, budget: int, a_min: int, rng: np.random.Generator):
+        return project_to_budget(np.ones(len(features.losses)), budget, a_min)
+
+    def learn(self, c_hat: np.ndarray) -> None:
+        """Nothing to learn."""
+
+    def parameters(self) -> dict[str, float]:
+        return {}
+
+
+class NeymanAllocator(UniformAllocator):
+    """Pilot A_min units per example, then the whole allocation ∝ √ĉ_pilot. Large pilots attract
+    more units, so with a small pilot the resulting estimate is biased; bench/ reports how much."""
+    name = "neyman"
+
+    def __init__(self, pilot_units: int):
+        self.pilot_units = pilot_units
+
+    def allocate(self, features, budget, a_min, rng):
+        if features.pilot_c_hat is None:
+            raise ValueError("neyman allocation needs the pilot's variance estimates")
+        c = np.nan_to_num(features.pilot_c_hat, nan=0.0)
+        return project_to_budget(np.sqrt(np.maximum(c, 0.0)), budget, max(a_min, self.pilot_units))
+
+
+class BernoulliAllocator(UniformAllocator):
+    name = "bernoulli"
+
+    def allocate(self, features, budget, a_min, rng):
+        phi = standardize(features.losses)
+        halve = (phi < 0) & (rng.random(len(phi)) < 0.5)
+        return project_to_budget(np.where(halve, 0.5, 1.0), budget, a_min)
+
+
+class GaussianAllocator:
+    """The learned FLOPS allocator (module docstring), at O(B·R·m) per allocation.
+
+    K is never formed: random Fourier features Z ∈ R^{B×R} give exp(−‖ê_i − ê_j‖²/(4γ²)) ≈ (ZZᵀ)_ij
+    for unit embeddings ê (1 − cos = ‖ê_i − ê_j‖²/2), and a small nugget η keeps the density proper:
+        K = s² ((1 − η) ZZᵀ + η I).
+    log p(x | λ) then costs O(B R²) through the Woodbury identity and the determinant lemma.
+    Without embeddings, K = s² I.
+    """
+    name = "flops"
+    pilot_units = 0
+
+    def __init__(self, beta0: float = 1.0, beta1: float = 1.0, scale: float = 0.3,
+                 lengthscale: float = 0.5, learning_rate: float = 0.05, candidates: int = 16,
+                 features: int = 64, nugget: float = 0.05):
+        self.raw = torch.tensor([beta0, beta1, math.log(scale), math.log(lengthscale)],
+                                dtype=torch.float64, requires_grad=True)
+        self.optimizer = torch.optim.Adam([self.raw], lr=learning_rate) if learning_rate > 0 else None
+        self.candidates = candidates
+        self.n_features = features
+        self.nugget = nugget
+        self._context = None
+
+    def parameters(self) -> dict[str, float]:
+        b0, b1, log_s, log_g = self.raw.detach().tolist()
+        return {"beta0": b0, "beta1": b1, "s": math.exp(log_s), "gamma": math.exp(log_g)}
+
+    def _features(self, unit_embeddings, omega, phase, log_gamma):
+        if unit_embeddings is None:
+            return None
+        proj = unit_embeddings @ omega / (math.sqrt(2.0) * torch.exp(log_gamma))
+        return math.sqrt(2.0 / omega.shape[1]) * torch.cos(proj + phase)
+
+    def _sample(self, mu, z, log_s, rng: np.random.Generator, count: int) -> torch.Tensor:
+        batch = mu.shape[0]
+        eps = torch.from_numpy(rng.standard_normal((count, batch)))
+        if z is None:
+            return mu + torch.exp(log_s) * eps
+        xi = torch.from_numpy(rng.standard_normal((count, z.shape[1])))
+        return mu + torch.exp(log_s) * (math.sqrt(1 - self.nugget) * xi @ z.T
+                                        + math.sqrt(self.nugget) * eps)
+
+    def allocate(self, features, budget, a_min, rng):
+        phi = torch.from_numpy(standardize(features.losses))
+        unit = None
+        omega = phase = None
+        if features.embeddings is not None:
+            e = torch.as_tensor(np.asarray(features.embeddings, np.float64)).reshape(len(phi), -1)
+            unit = e / e.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            omega = torch.from_numpy(rng.standard_normal((unit.shape[1], self.n_features)))
+            phase = torch.from_numpy(rng.uniform(0.0, 2.0 * math.pi, self.n_features))
+        with torch.no_grad():
+            b0, b1, log_s, log_g = self.raw
+            z = self._features(unit, omega, phase, log_g)
+            x = self._sample(b0 + b1 * phi, z, log_s, rng, 1)[0]
+        self._context = (phi, unit, omega, phase, budget, a_min, rng)
+        return project_to_budget(x.numpy(), budget, a_min)
+
+    def log_prob(self, x: torch.Tensor, phi, unit, omega, phase) -> torch.Tensor:
+        """log p(x | λ) for rows of x [M, B], differentiable in λ."""
+        b0, b1, log_s, log_g = self.raw
+        r = x - (b0 + b1 * phi)
+        batch = r.shape[1]
+        s2_eta = torch.exp(2 * log_s) * self.nugget
+        quad = (r * r).sum(1)
+        logdet = batch * torch.log(s2_eta)
+        z = self._features(unit, omega, phase, log_g)
+        if z is not None:
+            ratio = (1 - self.nugget) / self.nugget
+            inner = torch.eye(z.shape[1], dtype=z.dtype) + ratio * z.T @ z
+            chol = torch.linalg.cholesky(inner)
+            zr = r @ z  # [M, R]
+            solved = torch.cholesky_solve(zr.T, chol)  # inner⁻¹ Zᵀr
+            quad = quad - ratio * (zr * solved.T).sum(1)
+            logdet = logdet + 2 * torch.log(torch.diagonal(chol)).sum()
+        return -0.5 * (quad / s2_eta + logdet + batch * math.log(2 * math.pi))
+
+    def learn(self, c_hat: np.ndarray) -> None:
+        """One likelihood-ratio step on λ: ∇E[J] ≈ (1/M) Σ_m (J_m − b_m) ∇ log p(x_m | λ), with the
+        leave-one-out baseline b_m, and advantages divided by mean J so the step is scale-free."""
+        if self.optimizer is None or self._context is None:
+            return
+        phi, unit, omega, phase, budget, a_min, rng = self._context
+        c = np.nan_to_num(np.asarray(c_hat, np.float64), nan=0.0)
+        if not np.any(c > 0):
+            return
+        with torch.no_grad():
+            z = self._features(unit, omega, phase, self.raw[3])
+            x = self._sample(self.raw[0] + self.raw[1] * phi, z, self.raw[2], rng, self.candidates)
+        j = np.array([variance_objective(c, project_to_budget(row, budget, a_min)) for row in x.numpy()])
+        m = len(j)
+        baseline = (j.sum() - j) / (m - 1)
+        advantage = torch.from_numpy((j - baseline) / j.mean())
+        self.optimizer.zero_grad()
+        (advantage * self.log_prob(x, phi, unit, omega, phase)).mean().backward()
+        self.optimizer.step()
+
+
+def make_allocator(name: str, *, pilot_units: int = 1, learning_rate: float = 0.05,
+                   **gaussian) -> UniformAllocator | GaussianAllocator:
+    if name == "uniform":
+        return UniformAllocator()
+    if name == "neyman":
+        return NeymanAllocator(pilot_units)
+    if name == "bernoulli":
+        return BernoulliAllocator()
+    if name == "flops":
+        return GaussianAllocator(learning_rate=learning_rate, **gaussian)
+    raise ValueError(f"unknown allocator {name!r}; choose one of {', '.join(ALLOCATORS)}")

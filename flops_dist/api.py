@@ -1,0 +1,196 @@
+"""The Python API: a model, a loss, a dataset and a config in; a trained model and a run log out.
+
+    result = flops_dist.train(model, loss_fn, train_data, config, test_data=...)
+
+It joins (or starts) Ray, runs a preflight of the model in this process so a mistake gets a clear
+message rather than a traceback from inside an actor, starts the coordinator on this node (so the
+run directory is local), and shows progress while the coordinator trains.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from torch import nn
+
+from .config import Config, ConfigError
+from .coordinator import RemoteCoordinator
+from .data import ArrayDataset, DataError, load_dataset, table_to_arrays
+from .replica import Replica, ReplicaSpec
+from .sharding import chunk_examples, plan_queries
+
+
+class TrainingError(RuntimeError):
+    """A run that could not go on; the message says why."""
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    run_log: pa.Table
+    run_dir: Path
+    metric_before: float | None
+    metric_after: float | None
+
+
+def load_callable(spec: str, field: str):
+    """`path/to/file.py:name` or `package.module:name`. A module loaded from a file is pickled by
+    value, so Ray workers need not have the file."""
+    path_part, sep, attr = spec.partition(":")
+    if not sep or not attr:
+        raise ConfigError(f"{field}: expected 'file.py:function' or 'package.module:function', got {spec!r}")
+    if path_part.endswith(".py"):
+        if not Path(path_part).is_file():
+            raise ConfigError(f"{field}: file {path_part!r} does not exist")
+        name = "flops_dist_user_" + Path(path_part).stem
+        module_spec = importlib.util.spec_from_file_location(name, path_part)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        module_spec.loader.exec_module(module)
+        ray.cloudpickle.register_pickle_by_value(module)
+    else:
+        try:
+            module = importlib.import_module(path_part)
+        except ImportError as e:
+            raise ConfigError(f"{field}: cannot import {path_part!r} ({e})") from None
+    if not hasattr(module, attr):
+        raise ConfigError(f"{field}: {path_part!r} has no attribute {attr!r}")
+    return getattr(module, attr)
+
+
+def build_model(cfg: Config) -> nn.Module:
+    if not cfg.model.factory:
+        raise ConfigError("model.factory: required, e.g. 'model.py:build_model'")
+    model = load_callable(cfg.model.factory, "model.factory")()
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.factory: returned {type(model).__name__}, not a torch.nn.Module")
+    if cfg.model.weights:
+        from safetensors.torch import load_file
+        if not Path(cfg.model.weights).is_file():
+            raise ConfigError(f"model.weights: file {cfg.model.weights!r} does not exist")
+        try:
+            model.load_state_dict(load_file(cfg.model.weights))
+        except Exception as e:  # a wrong file gets its cause, not a traceback
+            raise ConfigError(f"model.weights: cannot load {cfg.model.weights!r} into the model: {e}") from None
+    return model
+
+
+def as_dataset(data, cfg: Config, role: str) -> ArrayDataset:
+    if isinstance(data, ArrayDataset):
+        return data
+    if isinstance(data, pa.Table):
+        return table_to_arrays(data, cfg.data.input_column, cfg.data.label_column, cfg.data.input_shape, role)
+    if isinstance(data, (str, Path)):
+        return load_dataset(data, cfg.data.input_column, cfg.data.label_column, cfg.data.input_shape)
+    raise DataError(f"{role}: expected an ArrayDataset, a pyarrow Table or a Parquet path, got {type(data).__name__}")
+
+
+def preflight(model: nn.Module, loss_fn, dataset: ArrayDataset, cfg: Config) -> None:
+    """One clean forward and one chunk of perturbed queries on a few examples, in this process."""
+    t = cfg.train
+    try:
+        spec = ReplicaSpec(include=cfg.target.include, embedding_module=cfg.target.embedding_module,
+                           sigma=t.sigma, noise=t.noise, optimizer=t.optimizer_config(),
+                           threads=torch.get_num_threads(), device="cpu")
+        sample = ArrayDataset(dataset.inputs[:t.chunk_size], dataset.labels[:t.chunk_size])
+        import copy
+        replica = Replica(copy.deepcopy(model).cpu(), loss_fn, sample, spec)
+        rows, _ = chunk_examples(np.arange(len(sample)), t.chunk_size)
+        losses, _ = replica.clean_forward(rows)
+        plan = plan_queries(np.zeros(len(sample), np.int64), np.ones(len(sample), np.int64), 1, t.unit,
+                            t.pairing == "shared", t.chunk_size)
+        replica.evaluate(plan.chunks.take(np.arange(1)))
+    except ValueError as e:
+        raise ConfigError(f"target: {e}") from None
+    except Exception as e:
+        raise TrainingError(f"the model or loss failed on a first batch of {len(sample)} examples: "
+                            f"{type(e).__name__}: {e}") from None
+    if losses.shape != rows.shape:
+        raise TrainingError(f"the loss function must return one loss per example (shape [{t.chunk_size}]); "
+                            f"check its reduction")
+
+
+def start_ray(cfg: Config) -> None:
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if cfg.cluster.address:
+        ray.init(address=cfg.cluster.address, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=cfg.cluster.num_cpus or None, include_dashboard=False,
+                 logging_level=logging.WARNING)
+
+
+def _progress_line(rec: dict, total: int, began: float) -> str:
+    done = rec["step"] + 1
+    rate = done / max(time.perf_counter() - began, 1e-9)
+    eta = (total - done) / rate if rate > 0 else float("nan")
+    lam = "" if np.isnan(rec["lambda_beta0"]) else (
+        f"  λ=(β0 {rec['lambda_beta0']:.2f}, β1 {rec['lambda_beta1']:.2f}, s {rec['lambda_s']:.2f}, "
+        f"γ {rec['lambda_gamma']:.2f})")
+    return (f"step {done:>5}/{total}  loss {rec['loss']:.4f}  A {rec['allocation_min']}-{rec['allocation_max']}"
+            f"  {rate:.1f} steps/s  eta {eta:4.0f}s  workers {rec['workers_alive']}{lam}")
+
+
+def train(model: nn.Module, loss_fn, train_data, config: Config, test_data=None,
+          progress=print) -> TrainResult:
+    """Train `model`'s target parameters forward-only; returns the trained model and the run log."""
+    cfg = config.validate()
+    train_set = as_dataset(train_data, cfg, "train data")
+    test_set = as_dataset(test_data, cfg, "test data") if test_data is not None else None
+    if cfg.train.batch_size > len(train_set):
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} exceeds the {len(train_set)} training examples")
+    preflight(model, loss_fn, train_set, cfg)
+    start_ray(cfg)
+    refs = {"model": ray.put(model), "loss_fn": ray.put(loss_fn), "train": ray.put(train_set),
+            "test": ray.put(test_set) if test_set is not None else None}
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    coordinator = RemoteCoordinator.options(num_cpus=0, scheduling_strategy=here).remote(cfg, refs, len(train_set))
+    try:
+        info = ray.get(coordinator.info.remote())
+        devices = sorted({w["device"] for w in info["workers"]})
+        progress(f"flops_dist: {len(info['workers'])} workers on {', '.join(devices)}; "
+                 f"d = {info['d']} target parameters; run dir {info['run_dir']}")
+        before = ray.get(coordinator.score.remote())
+        if before is not None:
+            progress(f"test {cfg.data.metric} before: {before:.4f}")
+        began = time.perf_counter()
+        while True:
+            records = ray.get(coordinator.run.remote(cfg.output.log_every))
+            if not records:
+                break
+            progress(_progress_line(records[-1], cfg.train.steps, began))
+            if records[-1]["step"] + 1 >= cfg.train.steps:
+                break
+        after = ray.get(coordinator.score.remote())
+        if after is not None:
+            progress(f"test {cfg.data.metric} after:  {after:.4f}")
+        state = ray.get(coordinator.finish.remote())
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause if getattr(e, "cause", None) is not None else e
+        raise TrainingError(f"{type(cause).__name__}: {cause}") from None
+    except ray.exceptions.RayActorError as e:
+        raise TrainingError(f"the coordinator died: {e}") from None
+    finally:
+        ray.kill(coordinator)
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    run_dir = Path(cfg.output.run_dir)
+    run_log = pq.read_table(run_dir / "run_log.parquet")
+    try:
+        from .plots import plot_run
+        plot_run(run_dir)
+    except ImportError:
+        progress("matplotlib is not installed: no plots")
+    return TrainResult(model, run_log, run_dir, before, after)

@@ -1,0 +1,213 @@
+"""One typed config for the Python API, the CLI and `ray job submit`, validated at the edge.
+
+Every error names the field: `train.allocator: unknown value 'foo'; choose one of ...`. A TOML file
+has the sections below; relative paths in it are relative to the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .allocators import ALLOCATORS
+from .estimators import ESTIMATORS
+from .noise import KINDS as NOISE_KINDS
+from .update import OPTIMIZERS, OptimizerConfig
+
+PAIRINGS = ("independent", "shared")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run; the message names the field."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300                 # optimizer steps T
+    batch_size: int = 32             # examples per step B
+    queries_per_example: int = 8     # A₀: the budget is N = B·A₀ forward queries per step
+    min_queries: int = 2             # A_min: the least queries any example gets
+    estimator: str = "lr"            # lr (clean-loss baseline) or antithetic (±σu pairs)
+    noise: str = "rademacher"        # rademacher (bit-exact on any device) or gaussian
+    pairing: str = "independent"     # independent: a seed per query; shared: query k of all examples shares seed k
+    sigma: float = 1e-2              # perturbation scale σ
+    learning_rate: float = 1e-2
+    optimizer: str = "sgd"           # sgd, momentum or adam; applied identically on every replica
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    allocator: str = "flops"         # uniform, neyman, bernoulli or flops
+    allocator_learning_rate: float = 0.05  # step size for λ; 0 freezes λ at its initial value
+    seed: int = 0                    # run seed: data order, query seeds, allocator samples
+    chunk_size: int = 16             # queries per evaluation chunk; fixed boundaries keep losses batch-invariant
+    hash_every: int = 50             # compare replica hashes every this many steps (0: only at the end)
+
+    @property
+    def unit(self) -> int:
+        """Queries per allocation unit: a pair for the antithetic estimator."""
+        return 2 if self.estimator == "antithetic" else 1
+
+    def optimizer_config(self) -> OptimizerConfig:
+        return OptimizerConfig(kind=self.optimizer, momentum=self.momentum, weight_decay=self.weight_decay)
+
+
+@dataclass
+class TargetConfig:
+    include: list[str] = field(default_factory=lambda: ["all"])  # "all", regexes on parameter names, or module names
+    embedding_module: str = ""       # module whose output is the allocator's embedding e_j; "" = the model's output
+
+
+@dataclass
+class ModelConfig:
+    factory: str = ""                # "file.py:function" or "package.module:function", returning an nn.Module
+    weights: str = ""                # optional safetensors file loaded into the model
+    loss: str = ""                   # "file.py:function"; (outputs, labels) -> per-example losses [B]
+
+
+@dataclass
+class DataConfig:
+    train: str = ""                  # Parquet file of training examples
+    test: str = ""                   # optional Parquet file scored before and after training
+    input_column: str = "input"      # list<float> per example (or fixed_size_list)
+    label_column: str = "label"      # integer class or float target
+    input_shape: list[int] = field(default_factory=list)  # shape of one input; [] = as stored
+    metric: str = "accuracy"         # accuracy (argmax of outputs) or loss
+
+
+@dataclass
+class ClusterConfig:
+    workers: int = 2                 # worker actors, one replica each
+    min_workers: int = 1             # start when at least this many can be placed
+    address: str = ""                # "" starts a local Ray; "auto" or "ray://host:port" joins a cluster
+    num_cpus: int = 0                # CPUs for a local Ray (0 = all)
+    threads_per_worker: int = 1      # torch threads per replica; the same on every worker
+    gpus_per_worker: str = "auto"    # "auto": one GPU each when the cluster has GPUs, else "0" or "1"
+
+
+@dataclass
+class OutputConfig:
+    run_dir: str = "runs/latest"     # run log, update log and final model go here
+    log_every: int = 10              # progress line and log flush every this many steps
+
+
+@dataclass
+class Config:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def validate(self) -> "Config":
+        t = self.train
+        _choice("train.estimator", t.estimator, ESTIMATORS)
+        _choice("train.noise", t.noise, NOISE_KINDS)
+        _choice("train.pairing", t.pairing, PAIRINGS)
+        _choice("train.optimizer", t.optimizer, OPTIMIZERS)
+        _choice("train.allocator", t.allocator, ALLOCATORS)
+        _choice("data.metric", self.data.metric, ("accuracy", "loss"))
+        for name in ("steps", "batch_size", "queries_per_example", "min_queries", "chunk_size"):
+            if getattr(t, name) < 1:
+                raise ConfigError(f"train.{name}: must be at least 1, got {getattr(t, name)}")
+        for name in ("sigma", "learning_rate"):
+            if not getattr(t, name) > 0:
+                raise ConfigError(f"train.{name}: must be positive, got {getattr(t, name)}")
+        if t.allocator_learning_rate < 0:
+            raise ConfigError(f"train.allocator_learning_rate: must be ≥ 0, got {t.allocator_learning_rate}")
+        if t.unit == 2 and (t.queries_per_example % 2 or t.min_queries % 2):
+            raise ConfigError("train.queries_per_example and train.min_queries: the antithetic estimator "
+                              f"spends queries in pairs, so both must be even (got {t.queries_per_example}, "
+                              f"{t.min_queries})")
+        if t.queries_per_example < t.min_queries:
+            raise ConfigError(f"train.queries_per_example: the budget N = B·A₀ = {t.batch_size}×"
+                              f"{t.queries_per_example} is below the minimum B·A_min = {t.batch_size}×"
+                              f"{t.min_queries}; raise queries_per_example or lower min_queries")
+        if t.allocator == "neyman" and t.queries_per_example == t.min_queries:
+            raise ConfigError("train.queries_per_example: neyman spends min_queries per example on a pilot "
+                              "and needs budget left after it")
+        c = self.cluster
+        if c.workers < 1 or not 1 <= c.min_workers <= c.workers:
+            raise ConfigError(f"cluster.workers / cluster.min_workers: need 1 ≤ min_workers ≤ workers, "
+                              f"got {c.min_workers}, {c.workers}")
+        if c.threads_per_worker < 1:
+            raise ConfigError(f"cluster.threads_per_worker: must be at least 1, got {c.threads_per_worker}")
+        _choice("cluster.gpus_per_worker", c.gpus_per_worker, ("auto", "0", "1"))
+        if self.output.log_every < 1:
+            raise ConfigError(f"output.log_every: must be at least 1, got {self.output.log_every}")
+        return self
+
+    @classmethod
+    def from_dict(cls, raw: dict, base_dir: Path | None = None) -> "Config":
+        cfg = _build(cls, raw, "")
+        if base_dir is not None:
+            for section, name in (("model", "factory"), ("model", "weights"), ("model", "loss"),
+                                  ("data", "train"), ("data", "test"), ("output", "run_dir")):
+                obj = getattr(cfg, section)
+                setattr(obj, name, _resolve(getattr(obj, name), base_dir))
+        return cfg.validate()
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        return cls.from_dict(raw, path.resolve().parent)
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}: unknown value {value!r}; choose one of {', '.join(choices)}")
+
+
+def _resolve(value: str, base: Path) -> str:
+    if not value:
+        return value
+    path_part, sep, attr = value.partition(":")
+    if sep and not path_part.endswith(".py"):
+        return value  # "package.module:function"
+    p = Path(path_part)
+    return str(p if p.is_absolute() else (base / p).resolve()) + (sep + attr)
+
+
+def _build(cls, raw, where: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a table, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where + '.' if where else ''}{unknown[0]}: unknown field; "
+                          f"{where or 'config'} has {', '.join(fields)}")
+    values = {}
+    for name, value in raw.items():
+        key = f"{where}.{name}" if where else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, key)
+        else:
+            values[name] = _coerce(key, value, hint)
+    return cls(**values)
+
+
+def _coerce(key: str, value, hint):
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint in (float, str) and isinstance(value, hint):
+        return value
+    if hint == list[int] and isinstance(value, list) and all(isinstance(v, int) for v in value):
+        return value
+    if hint == list[str]:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    name = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{key}: expected {name}, got {type(value).__name__} {value!r}")

@@ -1,0 +1,189 @@
+"""The coordinator actor: owns the step loop (the Engine), the workers, and the run logs.
+
+Its executor makes one call per worker per phase, never one per query. Chunks are dealt by a cost
+model weighted by each worker's measured throughput; a worker that dies mid-phase has its
+unfinished chunks dealt to the live ones, and the step's result is unchanged.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from safetensors.numpy import save_file
+
+from .config import Config
+from .engine import Engine
+from .replica import ReplicaSpec
+from .runlog import RunLogWriter
+from .sharding import QueryChunks, assign_chunks, chunk_costs
+from .worker import RemoteWorker
+
+log = logging.getLogger("flops_dist")
+
+
+class AllWorkersLost(RuntimeError):
+    """No live worker is left to evaluate a step's queries."""
+
+
+class RayExecutor:
+    def __init__(self, workers: list, noise_cost: float = 0.0):
+        self.workers = list(workers)
+        self.speeds = np.ones(len(workers))
+        self.noise_cost = noise_cost
+        self.pending: list = []
+        self.workers_lost = 0
+
+    def _scatter(self, method: str, n_items: int, costs: np.ndarray, take, on_result) -> None:
+        """Deal items over live workers, call `method` once per worker, and re-deal the items of any
+        worker that died until every item has a result."""
+        remaining = np.arange(n_items)
+        while len(remaining):
+            if not self.workers:
+                raise AllWorkersLost("every worker has died; no replica is left to evaluate queries")
+            calls = []
+            for w, idx in enumerate(assign_chunks(costs[remaining], self.speeds)):
+                if len(idx):
+                    items = remaining[idx]
+                    calls.append((w, items, getattr(self.workers[w], method).remote(take(items))))
+            failed, dead = [], set()
+            for w, items, ref in calls:
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    log.warning("worker %d died during %s (%s); re-dealing its %d items",
+                                w, method, type(e).__name__, len(items))
+                    failed.append(items)
+                    dead.add(w)
+                    continue
+                on_result(items, result)
+                seconds = result[-1]
+                if seconds > 0:  # throughput in cost units per second, smoothed
+                    rate = costs[items].sum() / seconds
+                    self.speeds[w] = rate if self.speeds[w] == 1.0 else 0.7 * self.speeds[w] + 0.3 * rate
+            if dead:
+                keep = [w for w in range(len(self.workers)) if w not in dead]
+                self.workers = [self.workers[w] for w in keep]
+                self.speeds = self.speeds[keep]
+                self.workers_lost += len(dead)
+            remaining = np.concatenate(failed) if failed else remaining[:0]
+
+    def _settle(self) -> None:
+        # updates are sent without waiting; surface their errors before the next phase
+        pending, self.pending = self.pending, []
+        for ref in pending:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:
+                pass  # a dead worker is removed when its next call fails
+
+    def clean_forward(self, rows: np.ndarray):
+        self._settle()
+        losses = np.empty(rows.shape, np.float32)
+        embeddings = {}
+
+        def store(items, result):
+            losses[items] = result[0]
+            embeddings[tuple(items)] = result[1]
+
+        self._scatter("clean_forward", len(rows), np.full(len(rows), float(rows.shape[1])),
+                      lambda items: rows[items], store)
+        width = next(iter(embeddings.values())).shape[-1]
+        out = np.empty(rows.shape + (width,), np.float32)
+        for items, emb in embeddings.items():
+            out[list(items)] = emb
+        return losses, out
+
+    def evaluate(self, chunks: QueryChunks) -> np.ndarray:
+        self._settle()
+        losses = np.empty(chunks.examples.shape, np.float32)
+
+        def store(items, result):
+            losses[items] = result[0]
+
+        self._scatter("evaluate", len(chunks), chunk_costs(chunks, self.noise_cost), chunks.take, store)
+        return losses
+
+    def apply(self, msg) -> None:
+        self.pending = [w.apply.remote(msg) for w in self.workers]
+
+    def hashes(self) -> list[str]:
+        self._settle()
+        return ray.get([w.hash.remote() for w in self.workers])
+
+
+def gpus_per_worker(cfg: Config) -> int:
+    if cfg.cluster.gpus_per_worker == "auto":
+        return 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    return int(cfg.cluster.gpus_per_worker)
+
+
+def placeable_workers(cfg: Config, gpus: int) -> int:
+    resources = ray.cluster_resources()
+    limit = int(resources.get("GPU", 0)) if gpus else int(resources.get("CPU", 0))
+    return min(cfg.cluster.workers, limit)
+
+
+class Coordinator:
+    def __init__(self, cfg: Config, refs: dict, n_examples: int):
+        torch.set_num_threads(1)  # the allocator's math must not depend on the host's cores
+        self.cfg = cfg
+        self.refs = refs
+        t = cfg.train
+        spec = ReplicaSpec(include=cfg.target.include, embedding_module=cfg.target.embedding_module,
+                           sigma=t.sigma, noise=t.noise, optimizer=t.optimizer_config(),
+                           threads=cfg.cluster.threads_per_worker)
+        gpus = gpus_per_worker(cfg)
+        count = placeable_workers(cfg, gpus)
+        if count < cfg.cluster.min_workers:
+            raise RuntimeError(f"cluster.min_workers: the cluster can place {count} workers with "
+                               f"{'1 GPU' if gpus else '1 CPU'} each, fewer than the {cfg.cluster.min_workers} asked for")
+        if count < cfg.cluster.workers:
+            log.warning("starting with %d of %d workers: the cluster lacks resources", count, cfg.cluster.workers)
+        workers = [RemoteWorker.options(num_cpus=0 if gpus else 1, num_gpus=gpus).remote(
+            refs["model"], refs["loss_fn"], refs["train"], spec) for _ in range(count)]
+        self.worker_info = ray.get([w.info.remote() for w in workers])
+        self.executor = RayExecutor(workers)
+        self.engine = Engine(t, self.executor, n_examples, self.worker_info[0]["d"])
+        self.run_dir = Path(cfg.output.run_dir)
+        self.writer = RunLogWriter(self.run_dir)
+        self.step = 0
+
+    def info(self) -> dict:
+        return {"workers": self.worker_info, "d": self.engine.d, "run_dir": str(self.run_dir)}
+
+    def score(self) -> float | None:
+        if self.refs.get("test") is None:
+            return None
+        return ray.get(self.executor.workers[0].score.remote(self.refs["test"], self.cfg.data.metric))
+
+    def run(self, steps: int) -> list[dict]:
+        """Run up to `steps` more steps; returns their run-log rows."""
+        records = []
+        began = time.perf_counter()
+        for _ in range(min(steps, self.cfg.train.steps - self.step)):
+            outcome = self.engine.step(self.step)
+            self.writer.append(outcome.record, outcome.message, outcome.allocation)
+            records.append({**outcome.record, "workers_alive": len(self.executor.workers),
+                            "workers_lost": self.executor.workers_lost})
+            self.step += 1
+        self.writer.flush()
+        if records:
+            records[-1]["chunk_seconds"] = time.perf_counter() - began
+        return records
+
+    def finish(self) -> dict[str, np.ndarray]:
+        """Check that every replica agrees, close the logs, save and return the final model."""
+        self.engine.check_replicas(self.step - 1)
+        self.writer.close()
+        state = ray.get(self.executor.workers[0].state_dict.remote())
+        tmp = self.run_dir / "model.safetensors.tmp"
+        save_file(state, str(tmp))
+        tmp.replace(self.run_dir / "model.safetensors")
+        return state
+
+
+RemoteCoordinator = ray.remote(Coordinator)

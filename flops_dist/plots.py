@@ -1,0 +1,40 @@
+"""Pictures of a run: the loss curve and the allocation histograms, from its run log."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    run_dir = Path(run_dir)
+    log = pq.read_table(run_dir / "run_log.parquet").to_pydict()
+    steps = np.array(log["step"])
+    queries = np.cumsum(log["queries"])
+    fig, (ax_loss, ax_alloc) = plt.subplots(1, 2, figsize=(11, 4))
+    loss = np.array(log["loss"], float)
+    ax_loss.plot(queries, loss, alpha=0.35, label="batch loss")
+    window = max(1, len(loss) // 20)
+    if len(loss) >= window:
+        ax_loss.plot(queries[window - 1:], np.convolve(loss, np.ones(window) / window, "valid"),
+                     label=f"mean of {window} steps")
+    ax_loss.set(xlabel="queries spent", ylabel="clean train loss", title="loss")
+    ax_loss.legend()
+    thirds = np.array_split(np.arange(len(steps)), 3)
+    for part, name in zip(thirds, ("early", "middle", "late")):
+        if len(part):
+            values = np.concatenate([log["allocation"][i] for i in part])
+            ax_alloc.hist(values, bins=np.arange(values.min(), values.max() + 2) - 0.5, alpha=0.5,
+                          density=True, label=f"{name} steps {steps[part[0]]}-{steps[part[-1]]}")
+    ax_alloc.set(xlabel="queries per example (units)", ylabel="fraction of examples", title="allocation")
+    ax_alloc.legend()
+    fig.tight_layout()
+    out = run_dir / "run.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return [out]

@@ -1,0 +1,112 @@
+"""A model replica: the few verbs a worker has. Plain Python, so the local reference step and the
+Ray worker run the very same code.
+
+θ is a flat float32 master vector; the module's parameters keep their base values and every
+forward receives θ (or θ + σu) through functional_call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import ArrayDataset
+from .sharding import QueryChunks
+from .targets import PerturbedForward, Target
+from .update import OptimizerConfig, UpdateMessage, apply_update, init_optimizer_state, parameter_hash
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    include: list[str] = field(default_factory=lambda: ["all"])
+    embedding_module: str = ""
+    sigma: float = 1e-2
+    noise: str = "rademacher"
+    optimizer: OptimizerConfig = OptimizerConfig()
+    threads: int = 1
+    device: str = "auto"
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Replica:
+    def __init__(self, model: nn.Module, loss_fn, dataset: ArrayDataset, spec: ReplicaSpec):
+        # the same thread count everywhere: reductions over θ must not depend on the machine
+        torch.set_num_threads(spec.threads)
+        self.spec = spec
+        self.device = pick_device(spec.device)
+        self.model = model.to(self.device).eval()
+        self.target = Target.select(self.model, spec.include)
+        self.theta = self.target.flatten(self.model).to(self.device)
+        self.opt_state = init_optimizer_state(spec.optimizer, self.target.numel, self.device)
+        self.forward = PerturbedForward(self.model, self.target, loss_fn, spec.sigma, spec.noise,
+                                        self.device, spec.embedding_module or None)
+        self.inputs = torch.tensor(dataset.inputs, device=self.device)
+        self.labels = torch.tensor(dataset.labels, device=self.device)
+        self.updates_applied = 0
+
+    @property
+    def d(self) -> int:
+        return self.target.numel
+
+    def clean_forward(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Losses [n, C] and embeddings [n, C, m] at θ for chunks of example indices."""
+        losses, embeddings = [], []
+        for row in torch.tensor(rows, device=self.device):
+            loss, emb = self.forward.clean(self.theta, self.inputs[row], self.labels[row])
+            losses.append(loss.cpu().numpy())
+            embeddings.append(emb.cpu().numpy())
+        if not losses:
+            return np.zeros((0, rows.shape[1]), np.float32), np.zeros((0, rows.shape[1], 0), np.float32)
+        return np.stack(losses), np.stack(embeddings)
+
+    def evaluate(self, chunks: QueryChunks) -> np.ndarray:
+        """Losses [n, C] of the perturbed queries, one batched forward per chunk."""
+        out = np.empty(chunks.examples.shape, np.float32)
+        for i, (ex, seeds, signs) in enumerate(zip(chunks.examples, chunks.seeds, chunks.signs)):
+            ex = torch.tensor(ex, device=self.device)  # a copy: arrays from Ray's object store are read-only
+            x, y = self.inputs[ex], self.labels[ex]
+            if chunks.shared:
+                loss = self.forward.shared(self.theta, int(seeds[0]), int(signs[0]), x, y)
+            else:
+                loss = self.forward.independent(self.theta, seeds, signs, x, y)
+            out[i] = loss.cpu().numpy()
+        return out
+
+    def apply(self, msg: UpdateMessage) -> None:
+        if msg.step != self.updates_applied:
+            raise RuntimeError(f"update for step {msg.step} reached a replica at step {self.updates_applied}")
+        self.theta, self.opt_state = apply_update(self.theta, self.opt_state, msg, self.spec.optimizer,
+                                                  self.spec.noise)
+        self.updates_applied += 1
+
+    def hash(self) -> str:
+        return parameter_hash(self.theta, self.opt_state)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The model's full state with θ written in, as numpy arrays (for safetensors)."""
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        for name, value in self.target.unflatten(self.theta).items():
+            state[name] = value.detach().cpu()
+        return {k: v.contiguous().numpy() for k, v in state.items()}
+
+    @torch.no_grad()
+    def score(self, dataset: ArrayDataset, metric: str, chunk: int = 256) -> float:
+        """Accuracy (argmax of outputs) or mean loss at θ on a held-out dataset."""
+        total = 0.0
+        inputs = torch.tensor(dataset.inputs, device=self.device)
+        labels = torch.tensor(dataset.labels, device=self.device)
+        for start in range(0, len(labels), chunk):
+            x, y = inputs[start:start + chunk], labels[start:start + chunk]
+            outputs = self.forward.call(self.theta, x)
+            if metric == "accuracy":
+                total += float((outputs.argmax(-1) == y).sum())
+            else:
+                total += float(self.forward.loss_fn(outputs, y).sum())
+        return total / max(len(labels), 1)

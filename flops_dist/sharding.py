@@ -1,0 +1,110 @@
+"""A step's query list, cut into fixed chunks, and chunks dealt to workers by a cost model.
+
+Batch invariance: a forward's last bits can depend on which rows share its batch, so every query
+is evaluated inside a chunk of exactly C rows whose boundaries depend only on the allocation (the
+last chunk is padded with copies of its last row). Whole chunks go to workers and losses are put
+back by query index, so 1 worker, 2 workers or a re-sharded step compute the same bits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+EXAMPLE_STRIDE = 1 << 20  # independent pairing: seed = base + j·stride + k, unique while A_j < 2**20
+
+
+@dataclass(frozen=True)
+class QueryChunks:
+    """Chunks of C queries: rows are chunks. `index` maps each cell to the query's position in the
+    step's canonical order, −1 for padding."""
+    examples: np.ndarray  # int64 [n, C]
+    seeds: np.ndarray     # int64 [n, C]
+    signs: np.ndarray     # int8 [n, C]
+    index: np.ndarray     # int64 [n, C]
+    shared: bool          # every chunk holds one perturbation applied to C examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def take(self, rows: np.ndarray) -> "QueryChunks":
+        return QueryChunks(self.examples[rows], self.seeds[rows], self.signs[rows], self.index[rows], self.shared)
+
+
+@dataclass(frozen=True)
+class QueryPlan:
+    example: np.ndarray  # int64 [Q] canonical order: by example, unit, then + before −
+    seed: np.ndarray     # int64 [Q]
+    sign: np.ndarray     # int8 [Q]
+    chunks: QueryChunks
+
+
+def _pad_to_chunks(values: list[np.ndarray], chunk: int):
+    n = len(values[0])
+    rows = -(-n // chunk)
+    pad = rows * chunk - n
+    out = []
+    for v in values:
+        out.append(np.concatenate([v, np.repeat(v[-1:], pad)]).reshape(rows, chunk))
+    return out, pad
+
+
+def chunk_examples(examples: np.ndarray, chunk: int) -> tuple[np.ndarray, int]:
+    """Example indices -> [n, C] rows for the clean forward, and the number of padding cells."""
+    (rows,), pad = _pad_to_chunks([np.asarray(examples, np.int64)], chunk)
+    return rows, pad
+
+
+def plan_queries(start: np.ndarray, stop: np.ndarray, seed_base: int, unit: int, shared: bool,
+                 chunk: int) -> QueryPlan:
+    """Queries for units k ∈ [start_j, stop_j) of every example j. A unit is one query (+) or a
+    (+, −) pair sharing a seed. Seeds: base + k (shared) or base + j·stride + k (independent)."""
+    start, stop = np.asarray(start, np.int64), np.asarray(stop, np.int64)
+    counts = stop - start
+    example_of_unit = np.repeat(np.arange(len(start)), counts)
+    k = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + start[example_of_unit]
+    seed_of_unit = seed_base + k if shared else seed_base + example_of_unit * EXAMPLE_STRIDE + k
+    signs = np.array([1, -1][:unit], np.int8)
+    example = np.repeat(example_of_unit, unit)
+    seed = np.repeat(seed_of_unit, unit)
+    sign = np.tile(signs, len(example_of_unit))
+    k_of_query = np.repeat(k, unit)
+    position = np.arange(len(example))
+    if not len(example):
+        empty = np.zeros((0, chunk), np.int64)
+        return QueryPlan(example, seed, sign, QueryChunks(empty, empty, empty.astype(np.int8), empty, shared))
+    if not shared:
+        (ex, sd, sg, ix), pad = _pad_to_chunks([example, seed, sign, position], chunk)
+        if pad:
+            ix[-1, chunk - pad:] = -1
+        return QueryPlan(example, seed, sign, QueryChunks(ex, sd, sg, ix, False))
+    # shared: one group per (unit k, sign), each cut into its own padded chunks
+    groups = []
+    for kk in np.unique(k_of_query):
+        for s in signs:
+            sel = position[(k_of_query == kk) & (sign == s)]
+            (ex, sd, sg, ix), pad = _pad_to_chunks([example[sel], seed[sel], sign[sel], sel], chunk)
+            if pad:
+                ix[-1, chunk - pad:] = -1
+            groups.append((ex, sd, sg, ix))
+    ex, sd, sg, ix = (np.concatenate(parts) for parts in zip(*groups))
+    return QueryPlan(example, seed, sign, QueryChunks(ex, sd, sg, ix, True))
+
+
+def chunk_costs(chunks: QueryChunks, noise_cost: float) -> np.ndarray:
+    """Cost in forward-equivalents: C forwards plus noise generation per distinct seed."""
+    per_chunk_seeds = 1 if chunks.shared else chunks.seeds.shape[1]
+    return np.full(len(chunks), chunks.seeds.shape[1] + noise_cost * per_chunk_seeds, np.float64)
+
+
+def assign_chunks(costs: np.ndarray, speeds: np.ndarray) -> list[np.ndarray]:
+    """Longest-processing-time greedy: each chunk, largest first, goes to the worker that would
+    finish it soonest given its measured speed. Deterministic; any assignment gives the same bits."""
+    speeds = np.asarray(speeds, np.float64)
+    finish = np.zeros(len(speeds))
+    owner = np.empty(len(costs), np.int64)
+    for c in np.argsort(-costs, kind="stable"):
+        w = int(np.argmin(finish + costs[c] / speeds))
+        owner[c] = w
+        finish[w] += costs[c] / speeds[w]
+    return [np.nonzero(owner == w)[0] for w in range(len(speeds))]

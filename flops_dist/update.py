@@ -1,0 +1,90 @@
+"""The seed-based update message and its application: pure functions of (θ, optimizer state, U_t).
+
+U_t = (t, learning rate, [(seed_s, c_s)]) is a few kilobytes whatever d is. Every replica rebuilds
+ĝ = Σ_s c_s u(seed_s) by adding the terms one by one in message order, and every optimizer here is
+elementwise, so the same bytes in give the same bytes out whatever the thread count.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .noise import noise_batch
+
+OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
+@dataclass(frozen=True)
+class UpdateMessage:
+    step: int
+    learning_rate: float
+    seeds: np.ndarray         # int64 [S]
+    coefficients: np.ndarray  # float64 [S]
+
+    @property
+    def nbytes(self) -> int:
+        return 16 + self.seeds.nbytes + self.coefficients.nbytes
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    kind: str = "sgd"
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+def reconstruct_gradient(msg: UpdateMessage, d: int, noise_kind: str, device="cpu",
+                         seeds_per_block: int = 64) -> torch.Tensor:
+    grad = torch.zeros(d, dtype=torch.float32, device=device)
+    coefficients = torch.tensor(msg.coefficients, dtype=torch.float32)
+    for start in range(0, len(msg.seeds), seeds_per_block):
+        block = noise_batch(msg.seeds[start:start + seeds_per_block], d, noise_kind, device=device)
+        for row, c in zip(block, coefficients[start:start + seeds_per_block].tolist()):
+            grad.add_(row, alpha=c)
+    return grad
+
+
+def init_optimizer_state(cfg: OptimizerConfig, d: int, device="cpu") -> dict[str, torch.Tensor]:
+    if cfg.kind == "sgd":
+        return {}
+    if cfg.kind == "momentum":
+        return {"velocity": torch.zeros(d, device=device)}
+    if cfg.kind == "adam":
+        return {"m": torch.zeros(d, device=device), "v": torch.zeros(d, device=device)}
+    raise ValueError(f"unknown optimizer {cfg.kind!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def apply_update(theta: torch.Tensor, state: dict[str, torch.Tensor], msg: UpdateMessage,
+                 cfg: OptimizerConfig, noise_kind: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """θ_{t+1} from θ_t and U_t; returns new tensors and leaves the inputs untouched."""
+    grad = reconstruct_gradient(msg, theta.numel(), noise_kind, theta.device)
+    if cfg.weight_decay:
+        grad = grad + cfg.weight_decay * theta
+    lr = msg.learning_rate
+    if cfg.kind == "sgd":
+        return theta - lr * grad, {}
+    if cfg.kind == "momentum":
+        velocity = cfg.momentum * state["velocity"] + grad
+        return theta - lr * velocity, {"velocity": velocity}
+    if cfg.kind == "adam":
+        t = msg.step + 1
+        m = cfg.beta1 * state["m"] + (1 - cfg.beta1) * grad
+        v = cfg.beta2 * state["v"] + (1 - cfg.beta2) * grad * grad
+        m_hat = m / (1 - cfg.beta1**t)
+        v_hat = v / (1 - cfg.beta2**t)
+        return theta - lr * m_hat / (torch.sqrt(v_hat) + cfg.eps), {"m": m, "v": v}
+    raise ValueError(f"unknown optimizer {cfg.kind!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def parameter_hash(theta: torch.Tensor, state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of θ's and the optimizer state's bytes: equal hashes mean bit-identical replicas."""
+    h = hashlib.sha256(theta.detach().cpu().numpy().tobytes())
+    for key in sorted(state):
+        h.update(state[key].detach().cpu().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,45 @@
+"""The worker actor: a thin Ray shell around a Replica. One GPU each when the cluster has GPUs."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import ray
+
+from .replica import Replica
+
+
+class Worker:
+    def __init__(self, model, loss_fn, dataset, spec):
+        self.replica = Replica(model, loss_fn, dataset, spec)
+
+    def info(self) -> dict:
+        return {"d": self.replica.d, "device": str(self.replica.device), "host": socket.gethostname(),
+                "pid": os.getpid(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "updates_applied": self.replica.updates_applied}
+
+    def clean_forward(self, rows):
+        began = time.perf_counter()
+        losses, embeddings = self.replica.clean_forward(rows)
+        return losses, embeddings, time.perf_counter() - began
+
+    def evaluate(self, chunks):
+        began = time.perf_counter()
+        losses = self.replica.evaluate(chunks)
+        return losses, time.perf_counter() - began
+
+    def apply(self, msg) -> None:
+        self.replica.apply(msg)
+
+    def hash(self) -> str:
+        return self.replica.hash()
+
+    def state_dict(self):
+        return self.replica.state_dict()
+
+    def score(self, dataset, metric: str) -> float:
+        return self.replica.score(dataset, metric)
+
+
+RemoteWorker = ray.remote(Worker)

@@ -1,0 +1,61 @@
+"""The local reference step: determinism across replica counts, NaN safety, and learning."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from flops_dist.config import TrainConfig
+from flops_dist.engine import Engine, LocalExecutor, ReplicaDivergence
+from flops_dist.replica import Replica, ReplicaSpec
+from models import blobs, build_mlp, cross_entropy, nan_for_class_two
+
+
+def run_local(replicas: int, steps=8, loss=cross_entropy, **train):
+    cfg = TrainConfig(steps=steps, batch_size=24, sigma=0.01, learning_rate=0.1, chunk_size=8, **train)
+    spec = ReplicaSpec(sigma=cfg.sigma, noise=cfg.noise, optimizer=cfg.optimizer_config(), embedding_module="1")
+    data = blobs()
+    reps = [Replica(build_mlp(), loss, data, spec) for _ in range(replicas)]
+    engine = Engine(cfg, LocalExecutor(reps), len(data), reps[0].d)
+    records = [engine.step(t).record for t in range(steps)]
+    return reps, records
+
+
+CONFIGS = [dict(allocator="uniform"), dict(allocator="flops"), dict(allocator="neyman"),
+           dict(allocator="bernoulli"), dict(allocator="flops", pairing="shared"),
+           dict(allocator="flops", estimator="antithetic", noise="gaussian", optimizer="adam"),
+           dict(allocator="neyman", estimator="antithetic", pairing="shared", optimizer="momentum")]
+
+
+@pytest.mark.parametrize("train", CONFIGS, ids=lambda c: "-".join(c.values()))
+def test_one_and_three_replicas_give_bit_identical_parameters(train):
+    one, _ = run_local(1, **train)
+    three, _ = run_local(3, **train)
+    assert torch.equal(one[0].theta, three[0].theta)
+    assert len({r.hash() for r in three}) == 1
+
+
+def test_budget_is_spent_exactly():
+    _, records = run_local(1, allocator="flops", steps=3)
+    assert all(r["queries"] == 24 * 8 for r in records)
+
+
+def test_nan_losses_are_dropped_and_theta_stays_finite():
+    reps, records = run_local(2, loss=nan_for_class_two, allocator="flops")
+    assert sum(r["dropped_queries"] for r in records) > 0
+    assert torch.isfinite(reps[0].theta).all()
+
+
+def test_training_lowers_the_loss():
+    _, records = run_local(1, steps=60, allocator="flops")
+    first, last = np.mean([r["loss"] for r in records[:10]]), np.mean([r["loss"] for r in records[-10:]])
+    assert last < 0.8 * first
+
+
+def test_diverged_replicas_stop_the_run():
+    reps, _ = run_local(2, steps=1)
+    reps[1].theta = reps[1].theta.clone()
+    reps[1].theta[0] += 1e-6
+    engine = Engine(TrainConfig(batch_size=24), LocalExecutor(reps), 240, reps[0].d)
+    with pytest.raises(ReplicaDivergence, match="hashes differ"):
+        engine.check_replicas(0)
