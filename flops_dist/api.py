@@ -70,6 +70,19 @@ def load_callable(spec: str, field: str):
     return getattr(module, attr)
 
 
+def ship_by_value(model: nn.Module, loss_fn) -> None:
+    """Pickle the user's own modules (those not installed in site-packages) by value, so workers
+    need neither the files nor the driver's sys.path."""
+    modules = {type(m).__module__ for m in model.modules()} | {getattr(loss_fn, "__module__", None)}
+    for name in modules:
+        module = sys.modules.get(name or "")
+        path = getattr(module, "__file__", None) or ""
+        if module is None or name == "__main__" or not path or "-packages" in path \
+                or name.split(".")[0] in ("torch", "flops_dist"):
+            continue
+        ray.cloudpickle.register_pickle_by_value(module)
+
+
 def build_model(cfg: Config) -> nn.Module:
     if not cfg.model.factory:
         raise ConfigError("model.factory: required, e.g. 'model.py:build_model'")
@@ -99,27 +112,33 @@ def as_dataset(data, cfg: Config, role: str) -> ArrayDataset:
 
 def preflight(model: nn.Module, loss_fn, dataset: ArrayDataset, cfg: Config) -> None:
     """One clean forward and one chunk of perturbed queries on a few examples, in this process."""
+    import copy
     t = cfg.train
+    sample = ArrayDataset(dataset.inputs[:t.chunk_size], dataset.labels[:t.chunk_size])
     try:
         spec = ReplicaSpec(include=cfg.target.include, embedding_module=cfg.target.embedding_module,
                            sigma=t.sigma, noise=t.noise, optimizer=t.optimizer_config(),
                            threads=torch.get_num_threads(), device="cpu")
-        sample = ArrayDataset(dataset.inputs[:t.chunk_size], dataset.labels[:t.chunk_size])
-        import copy
         replica = Replica(copy.deepcopy(model).cpu(), loss_fn, sample, spec)
+    except ValueError as e:
+        raise ConfigError(f"target: {e}") from None
+    try:
+        with torch.no_grad():
+            losses = loss_fn(replica.forward.call(replica.theta, replica.inputs), replica.labels)
+        if not torch.is_tensor(losses) or losses.shape != (len(sample),):
+            shape = list(losses.shape) if torch.is_tensor(losses) else type(losses).__name__
+            raise TrainingError(f"the loss function must return one loss per example (shape [{len(sample)}]), "
+                                f"got {shape}; check its reduction")
         rows, _ = chunk_examples(np.arange(len(sample)), t.chunk_size)
-        losses, _ = replica.clean_forward(rows)
+        replica.clean_forward(rows)
         plan = plan_queries(np.zeros(len(sample), np.int64), np.ones(len(sample), np.int64), 1, t.unit,
                             t.pairing == "shared", t.chunk_size)
         replica.evaluate(plan.chunks.take(np.arange(1)))
-    except ValueError as e:
-        raise ConfigError(f"target: {e}") from None
+    except TrainingError:
+        raise
     except Exception as e:
         raise TrainingError(f"the model or loss failed on a first batch of {len(sample)} examples: "
                             f"{type(e).__name__}: {e}") from None
-    if losses.shape != rows.shape:
-        raise TrainingError(f"the loss function must return one loss per example (shape [{t.chunk_size}]); "
-                            f"check its reduction")
 
 
 def start_ray(cfg: Config) -> None:
@@ -154,6 +173,7 @@ def train(model: nn.Module, loss_fn, train_data, config: Config, test_data=None,
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} exceeds the {len(train_set)} training examples")
     preflight(model, loss_fn, train_set, cfg)
     start_ray(cfg)
+    ship_by_value(model, loss_fn)
     refs = {"model": ray.put(model), "loss_fn": ray.put(loss_fn), "train": ray.put(train_set),
             "test": ray.put(test_set) if test_set is not None else None}
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

@@ -155,6 +155,10 @@ class Coordinator:
     def info(self) -> dict:
         return {"workers": self.worker_info, "d": self.engine.d, "run_dir": str(self.run_dir)}
 
+    def worker_handles(self) -> list:
+        """The live workers' actor handles, for operators (and tests) to inspect or stop."""
+        return list(self.executor.workers)
+
     def score(self) -> float | None:
         if self.refs.get("test") is None:
             return None

@@ -1,0 +1,114 @@
+"""Bad input gets a clear message naming what is wrong, before any Ray actor starts."""
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from flops_dist.api import TrainingError, as_dataset, preflight
+from flops_dist.config import Config, ConfigError
+from flops_dist.data import DataError, load_dataset
+from models import blobs, build_mlp, cross_entropy
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"train": {"allocator": "fastest"}}, "train.allocator: unknown value 'fastest'; choose one of uniform"),
+    ({"train": {"estimator": "spsa"}}, "train.estimator: unknown value 'spsa'"),
+    ({"train": {"queries_per_example": 2, "min_queries": 4}}, "below the minimum B·A_min"),
+    ({"train": {"estimator": "antithetic", "queries_per_example": 5}}, "must be even"),
+    ({"train": {"allocator": "neyman", "queries_per_example": 2, "min_queries": 2}}, "neyman spends"),
+    ({"train": {"sigma": -1.0}}, "train.sigma: must be positive"),
+    ({"train": {"batch_size": "32"}}, "train.batch_size: expected int, got str"),
+    ({"train": {"stepz": 3}}, "train.stepz: unknown field"),
+    ({"cluster": {"workers": 2, "min_workers": 3}}, "cluster.workers / cluster.min_workers"),
+    ({"cluster": {"gpus_per_worker": "2"}}, "cluster.gpus_per_worker: unknown value '2'"),
+])
+def test_invalid_config_names_the_field(raw, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Config.from_dict(raw)
+
+
+def test_missing_config_file_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        Config.load(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nsteps = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        Config.load(bad)
+
+
+def test_config_paths_resolve_relative_to_the_file(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text('[data]\ntrain = "d/train.parquet"\n[model]\nfactory = "m.py:build"\nloss = "pkg.mod:fn"\n')
+    cfg = Config.load(path)
+    assert cfg.data.train == str(tmp_path / "d" / "train.parquet")
+    assert cfg.model.factory == str(tmp_path / "m.py") + ":build"
+    assert cfg.model.loss == "pkg.mod:fn"
+
+
+def write(tmp_path, table):
+    path = tmp_path / "data.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+def test_missing_column_is_named(tmp_path):
+    path = write(tmp_path, pa.table({"x": [[1.0, 2.0]], "label": [0]}))
+    with pytest.raises(DataError, match="missing input column 'pixels'; it has x, label"):
+        load_dataset(path, "pixels", "label")
+
+
+def test_wrong_column_types_are_named(tmp_path):
+    path = write(tmp_path, pa.table({"pixels": ["a"], "label": [0]}))
+    with pytest.raises(DataError, match="'pixels' must be a list of numbers"):
+        load_dataset(path, "pixels", "label")
+    path = write(tmp_path, pa.table({"pixels": [[1.0]], "label": ["cat"]}))
+    with pytest.raises(DataError, match="label column 'label' must be integer or float"):
+        load_dataset(path, "pixels", "label")
+
+
+def test_ragged_rows_and_bad_shape_are_reported(tmp_path):
+    path = write(tmp_path, pa.table({"pixels": [[1.0, 2.0], [1.0]], "label": [0, 1]}))
+    with pytest.raises(DataError, match="rows of different lengths"):
+        load_dataset(path, "pixels", "label")
+    path = write(tmp_path, pa.table({"pixels": [[1.0, 2.0, 3.0]], "label": [0]}))
+    with pytest.raises(DataError, match="does not fit input_shape"):
+        load_dataset(path, "pixels", "label", [2, 2])
+
+
+def test_not_parquet_and_missing_file(tmp_path):
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        load_dataset(junk, "x", "y")
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset(tmp_path / "none.parquet", "x", "y")
+
+
+def test_a_good_parquet_file_round_trips(tmp_path):
+    data = blobs(20)
+    table = pa.table({"input": pa.FixedSizeListArray.from_arrays(pa.array(data.inputs.reshape(-1)), 10),
+                      "label": data.labels})
+    loaded = load_dataset(write(tmp_path, table), "input", "label", [10])
+    assert np.array_equal(loaded.inputs, data.inputs) and np.array_equal(loaded.labels, data.labels)
+
+
+def test_a_loss_without_per_example_reduction_is_caught():
+    cfg = Config().validate()
+    mean_loss = lambda o, y: torch.nn.functional.cross_entropy(o, y)  # noqa: E731
+    with pytest.raises(TrainingError, match="one loss per example"):
+        preflight(build_mlp(), mean_loss, blobs(), cfg)
+
+
+def test_a_target_matching_nothing_is_a_config_error():
+    cfg = Config.from_dict({"target": {"include": ["head"]}})
+    with pytest.raises(ConfigError, match="selects no parameter"):
+        preflight(build_mlp(), cross_entropy, blobs(), cfg)
+
+
+def test_a_model_that_fails_on_the_data_is_reported():
+    cfg = Config().validate()
+    wrong = as_dataset(blobs(), cfg, "train")
+    wrong = type(wrong)(wrong.inputs[:, :7].copy(), wrong.labels)
+    with pytest.raises(TrainingError, match="failed on a first batch"):
+        preflight(build_mlp(), cross_entropy, wrong, cfg)

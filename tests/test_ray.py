@@ -1,0 +1,123 @@
+"""The distributed path on a real local Ray: it must match the local reference step bit for bit."""
+import copy
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file
+
+from flops_dist.api import ship_by_value, train
+from flops_dist.config import Config
+from flops_dist.coordinator import RemoteCoordinator
+from flops_dist.engine import Engine, LocalExecutor
+from flops_dist.replica import Replica, ReplicaSpec
+from flops_dist.targets import Target
+from models import blobs, build_mlp, cross_entropy
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    # two fake GPUs: placement is tested for real, the forwards still run on the CPU
+    ray.init(num_cpus=2, num_gpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
+             logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def make_config(tmp_path, workers=2, steps=12, **train_fields):
+    cfg = Config()
+    cfg.train.steps, cfg.train.batch_size, cfg.train.chunk_size = steps, 24, 8
+    cfg.train.sigma, cfg.train.learning_rate, cfg.train.hash_every = 0.01, 0.1, 4
+    for k, v in train_fields.items():
+        setattr(cfg.train, k, v)
+    cfg.target.embedding_module = "1"
+    cfg.cluster.workers, cfg.cluster.gpus_per_worker = workers, "0"
+    cfg.output.run_dir, cfg.output.log_every = str(tmp_path / f"run{workers}"), 5
+    return cfg.validate()
+
+
+def reference_theta(cfg):
+    spec = ReplicaSpec(sigma=cfg.train.sigma, noise=cfg.train.noise, optimizer=cfg.train.optimizer_config(),
+                       embedding_module=cfg.target.embedding_module)
+    replica = Replica(build_mlp(), cross_entropy, blobs(), spec)
+    engine = Engine(cfg.train, LocalExecutor([replica]), len(blobs()), replica.d)
+    for t in range(cfg.train.steps):
+        engine.step(t)
+    return replica.theta
+
+
+def trained_theta(model):
+    return Target.select(model, "all").flatten(model)
+
+
+@pytest.mark.parametrize("train_fields", [dict(allocator="flops"),
+                                          dict(allocator="neyman", pairing="shared", optimizer="adam")],
+                         ids=["flops", "neyman-shared-adam"])
+def test_two_ray_workers_match_the_local_reference_bit_for_bit(tmp_path, train_fields):
+    cfg = make_config(tmp_path, **train_fields)
+    result = train(build_mlp(), cross_entropy, blobs(), cfg, progress=lambda line: None)
+    assert torch.equal(trained_theta(result.model), reference_theta(cfg))
+
+
+def test_one_and_two_workers_give_bit_identical_models(tmp_path):
+    one = train(build_mlp(), cross_entropy, blobs(), make_config(tmp_path, workers=1), progress=lambda l: None)
+    two = train(build_mlp(), cross_entropy, blobs(), make_config(tmp_path, workers=2), progress=lambda l: None)
+    for name, value in one.model.state_dict().items():
+        assert torch.equal(value, two.model.state_dict()[name]), name
+
+
+def test_run_log_update_log_and_model_files(tmp_path):
+    lines = []
+    cfg = make_config(tmp_path, steps=10)
+    result = train(build_mlp(), cross_entropy, blobs(), cfg, test_data=blobs(60, seed=1), progress=lines.append)
+    log = pq.read_table(result.run_dir / "run_log.parquet")
+    assert log.num_rows == 10 and log.column("step").to_pylist() == list(range(10))
+    for column in ("loss", "queries", "allocation_min", "allocation_mean", "allocation_max",
+                   "lambda_beta0", "lambda_beta1", "lambda_s", "lambda_gamma", "seconds"):
+        assert column in log.column_names
+    assert set(log.column("queries").to_pylist()) == {24 * 8}
+    updates = pq.read_table(result.run_dir / "updates.parquet")
+    assert updates.num_rows == 10 and max(log.column("update_bytes").to_pylist()) < 8 * 1024
+    saved = load_file(str(result.run_dir / "model.safetensors"))  # safetensors: no unpickling
+    for name, value in result.model.state_dict().items():
+        assert torch.equal(saved[name], value)
+    assert (result.run_dir / "run.png").stat().st_size > 0
+    assert any(line.startswith("step    10/10") for line in lines)
+    assert 0.0 <= result.metric_before <= 1.0 and 0.0 <= result.metric_after <= 1.0
+
+
+def start_coordinator(cfg):
+    ship_by_value(build_mlp(), cross_entropy)
+    refs = {"model": ray.put(build_mlp()), "loss_fn": ray.put(cross_entropy), "train": ray.put(blobs()), "test": None}
+    return RemoteCoordinator.options(num_cpus=0).remote(cfg, refs, len(blobs()))
+
+
+def test_workers_take_one_gpu_each_when_the_cluster_has_gpus(tmp_path):
+    cfg = make_config(tmp_path, steps=2)
+    cfg.cluster.gpus_per_worker = "auto"
+    coordinator = start_coordinator(cfg)
+    try:
+        info = ray.get(coordinator.info.remote())
+        assert sorted(tuple(w["gpu_ids"]) for w in info["workers"]) == [("0",), ("1",)]
+        assert len(ray.get(coordinator.run.remote(2))) == 2
+    finally:
+        ray.kill(coordinator)
+
+
+def test_a_worker_killed_mid_run_changes_nothing(tmp_path):
+    cfg = make_config(tmp_path, steps=12)
+    coordinator = start_coordinator(cfg)
+    try:
+        ray.get(coordinator.run.remote(5))
+        victim = ray.get(coordinator.worker_handles.remote())[1]
+        ray.kill(victim, no_restart=True)
+        records = ray.get(coordinator.run.remote(7))
+        assert records[-1]["workers_alive"] == 1 and records[-1]["workers_lost"] == 1
+        state = ray.get(coordinator.finish.remote())
+    finally:
+        ray.kill(coordinator)
+    model = build_mlp()
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    assert torch.equal(trained_theta(model), reference_theta(cfg))
