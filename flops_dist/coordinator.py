@@ -34,12 +34,13 @@ class RayExecutor:
         self.workers = list(workers)
         self.speeds = np.ones(len(workers))
         self.noise_cost = noise_cost
-        self.pending: list = []
+        self.message = None
         self.workers_lost = 0
 
-    def _scatter(self, method: str, n_items: int, costs: np.ndarray, take, on_result) -> None:
-        """Deal items over live workers, call `method` once per worker, and re-deal the items of any
-        worker that died until every item has a result."""
+    def _scatter(self, method: str, n_items: int, costs: np.ndarray, take, on_result, called=None) -> None:
+        """Deal items over live workers, call `method(*take(items))` once per worker, and re-deal the
+        items of any worker that died until every item has a result. `called` collects the workers
+        that were sent something."""
         remaining = np.arange(n_items)
         while len(remaining):
             if not self.workers:
@@ -48,7 +49,9 @@ class RayExecutor:
             for w, idx in enumerate(assign_chunks(costs[remaining], self.speeds)):
                 if len(idx):
                     items = remaining[idx]
-                    calls.append((w, items, getattr(self.workers[w], method).remote(take(items))))
+                    calls.append((w, items, getattr(self.workers[w], method).remote(*take(items))))
+                    if called is not None:
+                        called.add(id(self.workers[w]))
             failed, dead = [], set()
             for w, items, ref in calls:
                 try:
@@ -71,26 +74,34 @@ class RayExecutor:
                 self.workers_lost += len(dead)
             remaining = np.concatenate(failed) if failed else remaining[:0]
 
-    def _settle(self) -> None:
-        # updates are sent without waiting; surface their errors before the next phase
-        pending, self.pending = self.pending, []
-        for ref in pending:
+    @staticmethod
+    def _send_update(workers: list, msg) -> None:
+        for ref in [w.apply.remote(msg) for w in workers]:
             try:
                 ray.get(ref)
             except ray.exceptions.RayActorError:
                 pass  # a dead worker is removed when its next call fails
 
+    def deliver(self) -> None:
+        """Send the pending update to every worker now (it normally rides on the next clean forward)."""
+        if self.message is not None:
+            msg, self.message = self.message, None
+            self._send_update(self.workers, msg)
+
     def clean_forward(self, rows: np.ndarray):
-        self._settle()
         losses = np.empty(rows.shape, np.float32)
         embeddings = {}
+        msg, self.message = self.message, None
+        called = set()
 
         def store(items, result):
             losses[items] = result[0]
             embeddings[tuple(items)] = result[1]
 
         self._scatter("clean_forward", len(rows), np.full(len(rows), float(rows.shape[1])),
-                      lambda items: rows[items], store)
+                      lambda items: (rows[items], msg), store, called)
+        if msg is not None:  # workers that got no rows still need the update
+            self._send_update([w for w in self.workers if id(w) not in called], msg)
         width = next(iter(embeddings.values())).shape[-1]
         out = np.empty(rows.shape + (width,), np.float32)
         for items, emb in embeddings.items():
@@ -98,20 +109,20 @@ class RayExecutor:
         return losses, out
 
     def evaluate(self, chunks: QueryChunks) -> np.ndarray:
-        self._settle()
         losses = np.empty(chunks.examples.shape, np.float32)
 
         def store(items, result):
             losses[items] = result[0]
 
-        self._scatter("evaluate", len(chunks), chunk_costs(chunks, self.noise_cost), chunks.take, store)
+        self._scatter("evaluate", len(chunks), chunk_costs(chunks, self.noise_cost),
+                      lambda items: (chunks.take(items),), store)
         return losses
 
     def apply(self, msg) -> None:
-        self.pending = [w.apply.remote(msg) for w in self.workers]
+        self.message = msg  # delivered with the next clean forward, saving a round trip per step
 
     def hashes(self) -> list[str]:
-        self._settle()
+        self.deliver()
         return ray.get([w.hash.remote() for w in self.workers])
 
 
@@ -162,6 +173,7 @@ class Coordinator:
     def score(self) -> float | None:
         if self.refs.get("test") is None:
             return None
+        self.executor.deliver()
         return ray.get(self.executor.workers[0].score.remote(self.refs["test"], self.cfg.data.metric))
 
     def run(self, steps: int) -> list[dict]:
@@ -183,6 +195,7 @@ class Coordinator:
         """Check that every replica agrees, close the logs, save and return the final model."""
         self.engine.check_replicas(self.step - 1)
         self.writer.close()
+        self.executor.deliver()
         state = ray.get(self.executor.workers[0].state_dict.remote())
         tmp = self.run_dir / "model.safetensors.tmp"
         save_file(state, str(tmp))

@@ -1,9 +1,13 @@
 """Seeded, counter-based noise: u = noise(seed, d) is regenerated anywhere from an integer seed.
 
-A counter hash (Wellons' lowbias32) of (seed, index) gives 32 random bits per element, so there is
-no generator state and any slice [offset, offset + numel) can be made on its own. All integer
-arithmetic stays below 2**63 in int64, so the Rademacher noise is bit-exact on every device.
-Gaussian noise is Box-Muller on two hashed uniforms: identical on devices of the same type.
+A counter hash (Wellons' lowbias32) of (seed, counter) gives 32 random bits, so there is no
+generator state and any slice [offset, offset + numel) can be made on its own.
+- Rademacher: element i is bit (i mod 32) of the hash of counter i // 32, so one hash makes 32
+  signs. Integer arithmetic only: bit-exact on every device.
+- Gaussian: Box-Muller on the hashes of counters 2i and 2i + 1: identical on devices of the
+  same type.
+On the CPU the hash runs in numpy's uint32, whose multiplication wraps by definition; on other
+devices in torch int64 with products kept below 2**63. Both give the same bits (a test checks).
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import torch
 
 KINDS = ("gaussian", "rademacher")
 _MASK32 = 0xFFFFFFFF
+_C1, _C2, _M1, _M2 = 0x9E3779B9, 0x632BE5AB, 0x7FEB352D, 0x846CA68B
 
 
 def _mul32(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -21,28 +26,58 @@ def _mul32(x: torch.Tensor, m: int) -> torch.Tensor:
     return (lo + hi) & _MASK32
 
 
-def hash32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 on int64 tensors holding values in [0, 2**32)."""
+def hash32(x):
+    """lowbias32, on numpy uint32 arrays or on int64 tensors holding values in [0, 2**32)."""
+    if isinstance(x, np.ndarray):
+        x = x ^ (x >> np.uint32(16))
+        x = x * np.uint32(_M1)
+        x = x ^ (x >> np.uint32(15))
+        x = x * np.uint32(_M2)
+        return x ^ (x >> np.uint32(16))
     x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
+    x = _mul32(x, _M1)
     x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
+    x = _mul32(x, _M2)
     return x ^ (x >> 16)
 
 
-def _keys(seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    lo = seeds & _MASK32
-    hi = (seeds >> 32) & _MASK32
-    k1 = hash32(lo ^ 0x9E3779B9)
-    k2 = hash32(hi ^ k1 ^ 0x632BE5AB)  # the constant keeps k2 from equalling hash32(k1)
-    return k1, k2
+def _words_numpy(seeds: np.ndarray, counters: np.ndarray) -> np.ndarray:
+    """32 random bits for every (seed, counter) pair; seeds [Q], counters [n] -> uint32 [Q, n]."""
+    s = seeds.astype(np.uint64)
+    lo, hi = (s & np.uint64(_MASK32)).astype(np.uint32), (s >> np.uint64(32)).astype(np.uint32)
+    with np.errstate(over="ignore"):
+        k1 = hash32(lo ^ np.uint32(_C1))
+        k2 = hash32(hi ^ k1 ^ np.uint32(_C2))  # the constant keeps k2 from equalling hash32(k1)
+        c = counters.astype(np.uint64)
+        c_lo, c_hi = (c & np.uint64(_MASK32)).astype(np.uint32), (c >> np.uint64(32)).astype(np.uint32)
+        x = hash32(c_lo[None, :] + k1[:, None])
+        return hash32(x ^ k2[:, None] ^ c_hi[None, :])
 
 
-def _bits(seeds: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """32 random bits for every (seed, index) pair; seeds [Q, 1], index [1, n] -> [Q, n]."""
-    k1, k2 = _keys(seeds)
-    x = hash32(((index & _MASK32) + k1) & _MASK32)
-    return hash32(x ^ k2 ^ ((index >> 32) & _MASK32))
+def _words_torch(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """The same bits as _words_numpy, as int64 tensors on any device."""
+    seeds = seeds.reshape(-1, 1)
+    lo, hi = seeds & _MASK32, (seeds >> 32) & _MASK32
+    k1 = hash32(lo ^ _C1)
+    k2 = hash32(hi ^ k1 ^ _C2)
+    x = hash32(((counters & _MASK32).reshape(1, -1) + k1) & _MASK32)
+    return hash32(x ^ k2 ^ ((counters >> 32) & _MASK32).reshape(1, -1))
+
+
+def _rademacher_numpy(seeds: np.ndarray, numel: int, offset: int) -> torch.Tensor:
+    first, last = offset >> 5, (offset + numel - 1) >> 5
+    w = _words_numpy(seeds, np.arange(first, last + 1)).astype("<u4")  # explicit byte order
+    bits = np.unpackbits(w.view(np.uint8), axis=1, bitorder="little")  # bit i of word k at 32k + i
+    start = offset - 32 * first
+    return torch.from_numpy(1.0 - 2.0 * bits[:, start:start + numel].astype(np.float32))
+
+
+def _rademacher_torch(seeds: np.ndarray, numel: int, offset: int, device: torch.device) -> torch.Tensor:
+    first, last = offset >> 5, (offset + numel - 1) >> 5
+    w = _words_torch(torch.as_tensor(seeds, device=device), torch.arange(first, last + 1, device=device))
+    bit_index = torch.arange(offset, offset + numel, device=device)
+    bits = (w[:, (bit_index >> 5) - first] >> (bit_index & 31)) & 1
+    return (1 - 2 * bits).to(torch.float32)
 
 
 def noise_batch(seeds, numel: int, kind: str = "rademacher", offset: int = 0,
@@ -50,17 +85,20 @@ def noise_batch(seeds, numel: int, kind: str = "rademacher", offset: int = 0,
     """Noise for several seeds at once: float32 [len(seeds), numel], row q = noise(seeds[q])."""
     if kind not in KINDS:
         raise ValueError(f"unknown noise kind {kind!r}; choose one of {', '.join(KINDS)}")
-    seeds = torch.as_tensor(np.array(seeds, dtype=np.int64), device=device).reshape(-1, 1)
+    seeds = np.array(seeds, dtype=np.int64).reshape(-1)
+    device = torch.device(device)
+    on_cpu = device.type == "cpu"
     if kind == "rademacher":
-        index = torch.arange(offset, offset + numel, dtype=torch.int64, device=device).reshape(1, -1)
-        bit = _bits(seeds, index) >> 31
-        return (1 - 2 * bit).to(torch.float32)
-    index = torch.arange(2 * offset, 2 * (offset + numel), dtype=torch.int64, device=device)
-    bits = _bits(seeds, index.reshape(1, -1)).reshape(seeds.shape[0], numel, 2)
-    u1 = (bits[..., 0].to(torch.float64) + 0.5) * 2.0**-32  # in (0, 1): log is finite
-    u2 = bits[..., 1].to(torch.float64) * 2.0**-32
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)
-    return z.to(torch.float32)
+        return _rademacher_numpy(seeds, numel, offset) if on_cpu else _rademacher_torch(seeds, numel, offset, device)
+    counters = np.arange(2 * offset, 2 * (offset + numel))
+    if on_cpu:
+        w = torch.from_numpy(_words_numpy(seeds, counters).astype(np.int64))
+    else:
+        w = _words_torch(torch.as_tensor(seeds, device=device), torch.as_tensor(counters, device=device))
+    w = w.reshape(len(seeds), numel, 2)
+    u1 = (w[..., 0].to(torch.float64) + 0.5) * 2.0**-32  # in (0, 1): log is finite
+    u2 = w[..., 1].to(torch.float64) * 2.0**-32
+    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)).to(torch.float32)
 
 
 def noise(seed: int, numel: int, kind: str = "rademacher", offset: int = 0,

@@ -69,8 +69,8 @@ class Replica:
     def evaluate(self, chunks: QueryChunks) -> np.ndarray:
         """Losses [n, C] of the perturbed queries, one batched forward per chunk."""
         out = np.empty(chunks.examples.shape, np.float32)
-        for i, (ex, seeds, signs) in enumerate(zip(chunks.examples, chunks.seeds, chunks.signs)):
-            ex = torch.tensor(ex, device=self.device)  # a copy: arrays from Ray's object store are read-only
+        examples = torch.tensor(chunks.examples, device=self.device)  # a copy: Ray's arrays are read-only
+        for i, (ex, seeds, signs) in enumerate(zip(examples, chunks.seeds, chunks.signs)):
             x, y = self.inputs[ex], self.labels[ex]
             if chunks.shared:
                 loss = self.forward.shared(self.theta, int(seeds[0]), int(signs[0]), x, y)
@@ -80,7 +80,10 @@ class Replica:
         return out
 
     def apply(self, msg: UpdateMessage) -> None:
-        if msg.step != self.updates_applied:
+        """Apply U_t once: a message that arrives again (re-sent after a failure) is ignored."""
+        if msg.step < self.updates_applied:
+            return
+        if msg.step > self.updates_applied:
             raise RuntimeError(f"update for step {msg.step} reached a replica at step {self.updates_applied}")
         self.theta, self.opt_state = apply_update(self.theta, self.opt_state, msg, self.spec.optimizer,
                                                   self.spec.noise)

@@ -53,7 +53,8 @@ class Target:
         out, offset = {}, 0
         for name, shape, dtype in zip(self.names, self.shapes, self.dtypes):
             n = shape.numel()
-            out[name] = flat[..., offset:offset + n].reshape(*lead, *shape).to(dtype)
+            value = flat[..., offset:offset + n].reshape(*lead, *shape)
+            out[name] = value if dtype == value.dtype else value.to(dtype)
             offset += n
         return out
 

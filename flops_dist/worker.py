@@ -19,7 +19,10 @@ class Worker:
                 "pid": os.getpid(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                 "updates_applied": self.replica.updates_applied}
 
-    def clean_forward(self, rows):
+    def clean_forward(self, rows, msg=None):
+        """Apply the previous step's update, if given, then the clean forward: one call, not two."""
+        if msg is not None:
+            self.replica.apply(msg)
         began = time.perf_counter()
         losses, embeddings = self.replica.clean_forward(rows)
         return losses, embeddings, time.perf_counter() - began
