@@ -183,6 +183,8 @@ def train(model: nn.Module, loss_fn, train_data, config: Config, test_data=None,
         devices = sorted({w["device"] for w in info["workers"]})
         progress(f"flops_dist: {len(info['workers'])} workers on {', '.join(devices)}; "
                  f"d = {info['d']} target parameters; run dir {info['run_dir']}")
+        if info["metrics_url"]:
+            progress(f"metrics at {info['metrics_url']}")
         before = ray.get(coordinator.score.remote())
         if before is not None:
             progress(f"test {cfg.data.metric} before: {before:.4f}")

@@ -92,6 +92,12 @@ class OutputConfig:
 
 
 @dataclass
+class MetricsConfig:
+    address: str = "127.0.0.1"       # where the coordinator serves /metrics; loopback unless asked otherwise
+    port: int = 9500                 # 0 picks a free port (printed at start), -1 serves nothing
+
+
+@dataclass
 class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
@@ -99,6 +105,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def validate(self) -> "Config":
         t = self.train
@@ -134,6 +141,9 @@ class Config:
         if c.threads_per_worker < 1:
             raise ConfigError(f"cluster.threads_per_worker: must be at least 1, got {c.threads_per_worker}")
         _choice("cluster.gpus_per_worker", c.gpus_per_worker, ("auto", "0", "1"))
+        if not -1 <= self.metrics.port <= 65535:
+            raise ConfigError(f"metrics.port: must be -1 (off), 0 (any free port) or a port number, "
+                              f"got {self.metrics.port}")
         if self.output.log_every < 1:
             raise ConfigError(f"output.log_every: must be at least 1, got {self.output.log_every}")
         return self

@@ -17,6 +17,7 @@ from safetensors.numpy import save_file
 
 from .config import Config
 from .engine import Engine
+from .metrics import RunMetrics
 from .replica import ReplicaSpec
 from .runlog import RunLogWriter
 from .sharding import QueryChunks, assign_chunks, chunk_costs
@@ -36,6 +37,7 @@ class RayExecutor:
         self.noise_cost = noise_cost
         self.message = None
         self.workers_lost = 0
+        self.query_rates = np.zeros(len(workers))  # queries per second in each worker's last evaluate
 
     def _scatter(self, method: str, n_items: int, costs: np.ndarray, take, on_result, called=None) -> None:
         """Deal items over live workers, call `method(*take(items))` once per worker, and re-deal the
@@ -67,10 +69,13 @@ class RayExecutor:
                 if seconds > 0:  # throughput in cost units per second, smoothed
                     rate = costs[items].sum() / seconds
                     self.speeds[w] = rate if self.speeds[w] == 1.0 else 0.7 * self.speeds[w] + 0.3 * rate
+                    if method == "evaluate":
+                        self.query_rates[w] = result[0].size / seconds
             if dead:
                 keep = [w for w in range(len(self.workers)) if w not in dead]
                 self.workers = [self.workers[w] for w in keep]
                 self.speeds = self.speeds[keep]
+                self.query_rates = self.query_rates[keep]
                 self.workers_lost += len(dead)
             remaining = np.concatenate(failed) if failed else remaining[:0]
 
@@ -162,9 +167,21 @@ class Coordinator:
         self.run_dir = Path(cfg.output.run_dir)
         self.writer = RunLogWriter(self.run_dir)
         self.step = 0
+        self.metrics = RunMetrics()
+        self.metrics_url = None
+        if cfg.metrics.port >= 0:
+            try:
+                port = self.metrics.serve(cfg.metrics.address, cfg.metrics.port)
+            except OSError as e:
+                raise RuntimeError(f"metrics.port: cannot serve metrics on {cfg.metrics.address}:"
+                                   f"{cfg.metrics.port} ({e.strerror}); choose another port, 0 for any "
+                                   "free one, or -1 for none") from None
+            self.metrics_url = f"http://{cfg.metrics.address}:{port}/metrics"
+        self.metrics.workers_alive.set(len(workers))
 
     def info(self) -> dict:
-        return {"workers": self.worker_info, "d": self.engine.d, "run_dir": str(self.run_dir)}
+        return {"workers": self.worker_info, "d": self.engine.d, "run_dir": str(self.run_dir),
+                "metrics_url": self.metrics_url}
 
     def worker_handles(self) -> list:
         """The live workers' actor handles, for operators (and tests) to inspect or stop."""
@@ -183,8 +200,9 @@ class Coordinator:
         for _ in range(min(steps, self.cfg.train.steps - self.step)):
             outcome = self.engine.step(self.step)
             self.writer.append(outcome.record, outcome.message, outcome.allocation)
-            records.append({**outcome.record, "workers_alive": len(self.executor.workers),
-                            "workers_lost": self.executor.workers_lost})
+            alive = len(self.executor.workers)
+            self.metrics.record(outcome.record, self.executor.query_rates.tolist(), alive)
+            records.append({**outcome.record, "workers_alive": alive, "workers_lost": self.executor.workers_lost})
             self.step += 1
         self.writer.flush()
         if records:
@@ -195,6 +213,7 @@ class Coordinator:
         """Check that every replica agrees, close the logs, save and return the final model."""
         self.engine.check_replicas(self.step - 1)
         self.writer.close()
+        self.metrics.close()
         self.executor.deliver()
         state = ray.get(self.executor.workers[0].state_dict.remote())
         tmp = self.run_dir / "model.safetensors.tmp"

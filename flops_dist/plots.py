@@ -29,7 +29,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     for part, name in zip(thirds, ("early", "middle", "late")):
         if len(part):
             values = np.concatenate([log["allocation"][i] for i in part])
-            ax_alloc.hist(values, bins=np.arange(values.min(), values.max() + 2) - 0.5, alpha=0.5,
+            ax_alloc.hist(values, bins=np.arange(values.min(), values.max() + 2) - 0.5, histtype="step", linewidth=2,
                           density=True, label=f"{name} steps {steps[part[0]]}-{steps[part[-1]]}")
     ax_alloc.set(xlabel="queries per example (units)", ylabel="fraction of examples", title="allocation")
     ax_alloc.legend()

@@ -24,10 +24,12 @@ def job_dir(tmp_path, digits_dir):
 def test_digits_job_trains_and_reports_accuracy(tmp_path, digits_dir):
     job = job_dir(tmp_path, digits_dir)
     out = flops_dist("train", str(job / "digits.toml"), "--set", "train.steps=30", "--set",
-                     f"output.run_dir='{tmp_path / 'run'}'", "--set", "output.log_every=10")
+                     f"output.run_dir='{tmp_path / 'run'}'", "--set", "output.log_every=10",
+                     "--set", "metrics.port=0")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "test accuracy before: 0." in out.stdout and "test accuracy after:  0." in out.stdout
     assert "step    30/30" in out.stdout
+    assert "metrics at http://127.0.0.1:" in out.stdout
     log = pq.read_table(tmp_path / "run" / "run_log.parquet")
     assert log.num_rows == 30
 

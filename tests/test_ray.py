@@ -35,6 +35,7 @@ def make_config(tmp_path, workers=2, steps=12, **train_fields):
     cfg.target.embedding_module = "1"
     cfg.cluster.workers, cfg.cluster.gpus_per_worker = workers, "0"
     cfg.output.run_dir, cfg.output.log_every = str(tmp_path / f"run{workers}"), 5
+    cfg.metrics.port = 0  # any free port: tests run side by side
     return cfg.validate()
 
 
@@ -121,3 +122,37 @@ def test_a_worker_killed_mid_run_changes_nothing(tmp_path):
     model = build_mlp()
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
     assert torch.equal(trained_theta(model), reference_theta(cfg))
+
+
+def scrape(url: str) -> dict:
+    from urllib.request import urlopen
+    from prometheus_client.parser import text_string_to_metric_families
+    with urlopen(url, timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_are_served_on_loopback_and_follow_from_the_run(tmp_path):
+    cfg = make_config(tmp_path, steps=6)
+    coordinator = start_coordinator(cfg)
+    try:
+        url = ray.get(coordinator.info.remote())["metrics_url"]
+        assert url.startswith("http://127.0.0.1:")
+        records = ray.get(coordinator.run.remote(6))
+        m = scrape(url)
+    finally:
+        ray.kill(coordinator)
+    assert m[("flops_steps_total", ())] == 6
+    assert m[("flops_queries_total", ())] == 6 * 24 * 8
+    assert m[("flops_dropped_queries_total", ())] == 0
+    assert m[("flops_update_bytes_total", ())] == sum(r["update_bytes"] for r in records)
+    assert m[("flops_step_duration_seconds_count", ())] == 6
+    assert m[("flops_workers_alive", ())] == 2
+    assert m[("flops_worker_restarts_total", ())] == 0
+    assert m[("flops_train_loss", ())] == pytest.approx(records[-1]["loss"])
+    assert m[("flops_allocation_queries", (("stat", "max"),))] == records[-1]["allocation_max"]
+    assert m[("flops_allocation_gini", ())] == pytest.approx(records[-1]["allocation_gini"])
+    assert m[("flops_allocator_lambda", (("param", "gamma"),))] == pytest.approx(records[-1]["lambda_gamma"])
+    assert all(m[("flops_worker_query_rate", (("worker", w),))] > 0 for w in ("0", "1"))

@@ -1,0 +1,263 @@
+"""Allocators side by side on the digits fine-tuning of the main job, at an equal query budget.
+
+    python bench/allocators_digits.py [--seeds 3] [--steps 300] [--reps 16] [--batches 6] [--lrs 0.1,0.2]
+
+The job is examples/digits/digits.toml: TinyViT pretrained by backprop on digits 0-4, its `head`
+(330 parameters) fine-tuned forward-only on all 10 digits; B = 32, A₀ = 8 (every allocator spends
+exactly B·A₀ = 256 queries a step, neyman's pilot included), A_min = 2, lr estimator, Rademacher
+noise, σ = 1e-3, SGD. Allocators: uniform, bernoulli, neyman (pilot = A_min), flops-frozen (λ fixed
+at its start β0 = β1 = 1, i.e. A ∝ 1 + Φ̃ plus the kernel's noise) and flops (λ learned).
+
+Training runs in this process on the Ray-free reference engine (Engine + LocalExecutor + Replica),
+which the tests prove bit-identical to the Ray path: the same math, without Ray's overhead.
+
+1. Gradient error. θ is taken from the uniform run of seed 0 after 0, steps/2 and steps updates,
+   so every allocator is judged at the same θ, on the same batches, against the same truth: the
+   batch gradient g of the head by backprop (this benchmark only). For each of --batches fixed
+   batches the estimate ĝ is repeated --reps times: the engine's batch is pinned and its step index
+   varied, which varies the query seeds and the allocator's draws; an executor keeps the update
+   message instead of applying it, and ĝ = reconstruct_gradient(message). The same step indices
+   for every allocator give common random numbers (query k of example j has the same noise). Per
+   batch, with ĝ̄ the mean over reps and V = Σ_r ‖ĝ_r − ĝ̄‖² / (R − 1):
+       MSE = mean_r ‖ĝ_r − g‖²,  variance = V,  bias² = MSE − V = ‖ĝ̄ − g‖² − V / R  (unbiased),
+   summed over batches and divided by uniform's MSE (uniform is unbiased, so its MSE is its
+   variance; dividing bias² by uniform's bias², which is ~0, would mean nothing). ± is a jackknife
+   over batches. flops is measured at the λ its own seed-0 run had learned by that step, with
+   learning switched off while measuring.
+2. Training: final test accuracy (600 digits) and final train loss (mean clean batch loss over the
+   last 20 steps), mean ± std over seeds; batches are a function of the seed only, so allocators
+   of one seed see the same batches.
+3. Learning rates: every allocator at every rate of --lrs; "best lr" picks each allocator's rate by
+   final train loss. Queries to a train-loss target: the target is uniform's final train loss at the
+   first rate; the curve is the seed-mean loss under a 20-step running mean; ratio to uniform's.
+
+Writes the table to bench/out/allocators_digits.txt and loss-vs-queries to
+bench/out/allocators_digits.png.
+"""
+import argparse
+import sys
+import time
+
+import numpy as np
+import torch
+
+from common import OUT, digits_config
+from flops_dist.api import build_model, load_callable
+from flops_dist.data import load_dataset
+from flops_dist.engine import Engine, LocalExecutor
+from flops_dist.replica import Replica, ReplicaSpec
+from flops_dist.update import reconstruct_gradient
+
+ALLOCATORS = {
+    "uniform": dict(train__allocator="uniform"),
+    "bernoulli": dict(train__allocator="bernoulli"),
+    "neyman": dict(train__allocator="neyman"),
+    "flops-frozen": dict(train__allocator="flops", train__allocator_learning_rate=0.0),
+    "flops": dict(train__allocator="flops"),
+}
+WINDOW = 20  # steps in the final train loss and the running mean
+
+
+def config(name, **overrides):
+    # hash_every=0: one replica, nothing to compare
+    return digits_config(**ALLOCATORS[name], train__hash_every=0, **overrides)
+
+
+class Setup:
+    def __init__(self):
+        cfg = config("uniform")
+        self.loss_fn = load_callable(cfg.model.loss, "model.loss")
+        self.train = load_dataset(cfg.data.train, cfg.data.input_column, cfg.data.label_column)
+        self.test = load_dataset(cfg.data.test, cfg.data.input_column, cfg.data.label_column)
+
+    def replica(self, cfg):
+        t = cfg.train
+        spec = ReplicaSpec(include=cfg.target.include, embedding_module=cfg.target.embedding_module,
+                           sigma=t.sigma, noise=t.noise, optimizer=t.optimizer_config(), threads=1,
+                           device="cpu")
+        return Replica(build_model(cfg), self.loss_fn, self.train, spec)
+
+
+def train(setup, name, seed, lr, steps, checkpoints=()):
+    """One run; returns per-step clean losses, test accuracy, and θ and λ at the checkpoints."""
+    cfg = config(name, train__seed=seed, train__learning_rate=lr, train__steps=steps)
+    replica = setup.replica(cfg)
+    engine = Engine(cfg.train, LocalExecutor([replica]), len(setup.train), replica.d)
+    losses, thetas, lambdas = [], {}, {}
+    for t in range(steps + 1):
+        if t in checkpoints:
+            thetas[t] = replica.theta.clone()
+            if hasattr(engine.allocator, "raw"):
+                lambdas[t] = engine.allocator.raw.detach().clone()
+        if t < steps:
+            losses.append(engine.step(t).record["loss"])
+    return dict(loss=np.array(losses), accuracy=replica.score(setup.test, "accuracy"),
+                theta=thetas, raw=lambdas, lam=engine.allocator.parameters())
+
+
+class Capture(LocalExecutor):
+    """Evaluates like LocalExecutor but keeps the update instead of applying it: θ stays put."""
+
+    def apply(self, msg):
+        self.message = msg
+
+
+def gradient_errors(setup, replica, name, batches, reps, raw=None):
+    """Per batch: MSE, variance and bias² of ĝ against the backprop gradient (module docstring)."""
+    # flops is measured as flops-frozen (no optimizer: λ does not move) with its learned λ loaded
+    cfg = config("flops-frozen" if name == "flops" else name)
+    executor = Capture([replica])
+    engine = Engine(cfg.train, executor, len(setup.train), replica.d)
+    if raw is not None:
+        engine.allocator.raw.data.copy_(raw)
+    out = []
+    for b, batch in enumerate(batches):
+        theta = replica.theta.clone().requires_grad_(True)
+        loss = setup.loss_fn(replica.forward.call(theta, replica.inputs[batch]), replica.labels[batch]).mean()
+        g = torch.autograd.grad(loss, theta)[0].double()
+        engine.batch = lambda t, batch=batch: batch  # pin the batch; t now only moves the noise
+        est = []
+        for r in range(reps):
+            engine.step(b * reps + r)
+            est.append(reconstruct_gradient(executor.message, replica.d, cfg.train.noise).double())
+        est = torch.stack(est)
+        mse = ((est - g) ** 2).sum(1).mean().item()
+        var = ((est - est.mean(0)) ** 2).sum().item() / (reps - 1)
+        out.append((mse, var, mse - var, (g ** 2).sum().item()))
+    return np.array(out)  # [batches, (mse, variance, bias², ‖g‖²)]
+
+
+def jackknife_ratio(num, den):
+    """Σ num / Σ den and its leave-one-batch-out standard error."""
+    n = len(num)
+    loo = (num.sum() - num) / (den.sum() - den)
+    return num.sum() / den.sum(), float(np.sqrt((n - 1) / n * ((loo - loo.mean()) ** 2).sum()))
+
+
+def running_mean(x, w=WINDOW):
+    c = np.cumsum(np.insert(x, 0, 0.0))
+    return np.array([(c[t + 1] - c[max(0, t + 1 - w)]) / min(t + 1, w) for t in range(len(x))])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=3, help="train.seed = 0 .. seeds-1")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--reps", type=int, default=16, help="repeats of each gradient estimate")
+    parser.add_argument("--batches", type=int, default=6, help="fixed batches per checkpoint")
+    parser.add_argument("--lrs", default="0.1,0.2", help="SGD learning rates; the first is the job's")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # small ops on a shared machine: more threads are far slower
+    lrs = [float(x) for x in args.lrs.split(",")]
+    began = time.perf_counter()
+    setup = Setup()
+    cfg = config("uniform")
+    budget = cfg.train.batch_size * cfg.train.queries_per_example
+    checkpoints = (0, args.steps // 2, args.steps)
+    lines = []
+
+    def emit(line=""):
+        print(line, flush=True)
+        lines.append(line)
+
+    def progress(msg):
+        print(f"[{time.perf_counter() - began:6.0f}s] {msg}", file=sys.stderr, flush=True)
+
+    runs = {}  # (name, lr, seed) -> result
+    for lr in lrs:
+        for seed in range(args.seeds):
+            for name in ALLOCATORS:
+                keep = checkpoints if seed == 0 and lr == lrs[0] and name in ("uniform", "flops") else ()
+                runs[name, lr, seed] = train(setup, name, seed, lr, args.steps, keep)
+                r = runs[name, lr, seed]
+                progress(f"trained {name:12s} lr {lr} seed {seed}: loss {r['loss'][-WINDOW:].mean():.4f} "
+                         f"acc {r['accuracy']:.3f}")
+
+    # 1. gradient error at the uniform run's checkpoints, on fixed batches
+    pick = np.random.default_rng(12345)
+    batches = [pick.choice(len(setup.train), cfg.train.batch_size, replace=False) for _ in range(args.batches)]
+    base = runs["uniform", lrs[0], 0]
+    replica = setup.replica(cfg)
+    errors = {}
+    for t in checkpoints:
+        replica.theta = base["theta"][t].clone()
+        for name in ALLOCATORS:
+            raw = runs["flops", lrs[0], 0]["raw"][t] if name == "flops" else None
+            errors[name, t] = gradient_errors(setup, replica, name, batches, args.reps, raw)
+        progress(f"measured gradient errors at step {t}")
+
+    emit(f"digits head fine-tuning, d = {replica.d}, B = {cfg.train.batch_size}, budget {budget} queries/step "
+         f"for every allocator, {args.steps} steps, seeds 0..{args.seeds - 1}")
+    emit()
+    emit(f"1. Gradient estimate error / uniform's MSE (= its variance), θ of the uniform lr {lrs[0]} seed-0 run,")
+    emit(f"   {args.batches} fixed batches x {args.reps} repeats; ± jackknife over batches")
+    for t in checkpoints:
+        unif = errors["uniform", t]
+        emit(f"   after {t} steps: uniform MSE {unif[:, 0].mean():.3g}, ‖g‖² {unif[:, 3].mean():.3g}, "
+             f"uniform bias²/MSE {jackknife_ratio(unif[:, 2], unif[:, 0])[0]:+.3f}")
+        emit(f"   {'allocator':14s}{'MSE':>16s}{'variance':>16s}{'bias²':>16s}")
+        for name in ALLOCATORS:
+            if name == "uniform":
+                continue
+            cells = [jackknife_ratio(errors[name, t][:, k], unif[:, 0]) for k in range(3)]
+            emit(f"   {name:14s}" + "".join(f"{m:>9.3f} ± {s:.3f}" for m, s in cells))
+    lam = {t: runs["flops", lrs[0], 0]["raw"][t].tolist() for t in checkpoints}
+    emit("   flops λ (β0, β1, log s, log γ) of seed 0: "
+         + "; ".join(f"step {t}: " + ", ".join(f"{v:.2f}" for v in lam[t]) for t in checkpoints))
+    emit()
+
+    emit(f"2. Training at lr {lrs[0]} (mean ± std over {args.seeds} seeds)")
+    emit(f"   {'allocator':14s}{'test accuracy':>18s}{'train loss (last ' + str(WINDOW) + ')':>26s}")
+    for name in ALLOCATORS:
+        acc = [runs[name, lrs[0], s]["accuracy"] for s in range(args.seeds)]
+        loss = [runs[name, lrs[0], s]["loss"][-WINDOW:].mean() for s in range(args.seeds)]
+        emit(f"   {name:14s}{np.mean(acc):>10.4f} ± {np.std(acc):.4f}{np.mean(loss):>16.4f} ± {np.std(loss):.4f}")
+    emit("   flops λ at the end, per seed: " + "; ".join(
+        ", ".join(f"{k} {v:.2f}" for k, v in runs["flops", lrs[0], s]["lam"].items()) for s in range(args.seeds)))
+    emit()
+
+    curves = {(name, lr): running_mean(np.mean([runs[name, lr, s]["loss"] for s in range(args.seeds)], 0))
+              for name in ALLOCATORS for lr in lrs}
+    target = np.mean([runs["uniform", lrs[0], s]["loss"][-WINDOW:].mean() for s in range(args.seeds)])
+
+    def to_target(name, lr):
+        hit = np.nonzero(curves[name, lr] <= target)[0]
+        return (hit[0] + 1) * budget if len(hit) else None
+
+    ref = to_target("uniform", lrs[0])
+    emit(f"3. Learning rates {lrs}; queries to train loss {target:.4f} (uniform's final at lr {lrs[0]}), "
+         f"running mean of {WINDOW} steps of the seed-mean loss; ratio to uniform at lr {lrs[0]}")
+    emit(f"   {'allocator':14s}{'lr':>6s}{'test accuracy':>18s}{'train loss':>18s}{'queries':>10s}{'ratio':>8s}")
+    for name in ALLOCATORS:
+        final = {lr: np.mean([runs[name, lr, s]["loss"][-WINDOW:].mean() for s in range(args.seeds)]) for lr in lrs}
+        best = min(lrs, key=final.get)
+        for lr in lrs:
+            acc = [runs[name, lr, s]["accuracy"] for s in range(args.seeds)]
+            loss = [runs[name, lr, s]["loss"][-WINDOW:].mean() for s in range(args.seeds)]
+            q = to_target(name, lr)
+            mark = " (best lr)" if lr == best and len(lrs) > 1 else ""
+            emit(f"   {name:14s}{lr:>6g}{np.mean(acc):>10.4f} ± {np.std(acc):.4f}{np.mean(loss):>10.4f} ± "
+                 f"{np.std(loss):.4f}" + (f"{q:>10d}{q / ref:>8.2f}" if q else f"{'never':>10s}{'':>8s}") + mark)
+    emit()
+    emit(f"runtime {time.perf_counter() - began:.0f} s")
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "allocators_digits.txt").write_text("\n".join(lines) + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    queries = budget * np.arange(1, args.steps + 1)
+    for i, name in enumerate(ALLOCATORS):
+        for lr, style in zip(lrs, ("-", "--", ":", "-.")):
+            ax.plot(queries, curves[name, lr], style, color=f"C{i}", label=f"{name}, lr {lr:g}")
+    ax.axhline(target, color="gray", lw=0.5)
+    ax.set(xlabel="queries", ylabel=f"train loss ({WINDOW}-step running mean, mean of {args.seeds} seeds)",
+           yscale="log", title="digits head, forward-only, equal query budget")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(OUT / "allocators_digits.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
