@@ -22,11 +22,15 @@ which the tests prove bit-identical to the Ray path: the same math, without Ray'
        MSE = mean_r ‖ĝ_r − g‖²,  variance = V,  bias² = MSE − V = ‖ĝ̄ − g‖² − V / R  (unbiased),
    summed over batches and divided by uniform's MSE (uniform is unbiased, so its MSE is its
    variance; dividing bias² by uniform's bias², which is ~0, would mean nothing). ± is a jackknife
-   over batches. flops is measured at the λ its own seed-0 run had learned by that step, with
-   learning switched off while measuring.
+   over batches. Also g-gain = Σ gᵀĝ̄ / Σ ‖g‖² (1 when unbiased; below 1 is shrinkage along g, which
+   a small-pilot Neyman shows: large pilots draw more queries and so get less weight), and two
+   analytic checks from per-example backprop gradients g_j, with c_j = (d − 1)‖g_j‖²: uniform's
+   predicted MSE Σ c_j / (B² A₀), and the oracle V(A*)/V(uniform) of the exact integer optimum A*,
+   the least any unbiased allocation can reach. flops is measured at the λ its own seed-0 run had
+   learned by that step, with learning switched off while measuring.
 2. Training: final test accuracy (600 digits) and final train loss (mean clean batch loss over the
    last 20 steps), mean ± std over seeds; batches are a function of the seed only, so allocators
-   of one seed see the same batches.
+   of one seed see the same batches, and the difference to uniform is also given paired by seed.
 3. Learning rates: every allocator at every rate of --lrs; "best lr" picks each allocator's rate by
    final train loss. Queries to a train-loss target: the target is uniform's final train loss at the
    first rate; the curve is the seed-mean loss under a 20-step running mean; ratio to uniform's.
@@ -42,6 +46,7 @@ import numpy as np
 import torch
 
 from common import OUT, digits_config
+from flops_dist.allocators import optimal_integer_allocation, variance_objective
 from flops_dist.api import build_model, load_callable
 from flops_dist.data import load_dataset
 from flops_dist.engine import Engine, LocalExecutor
@@ -91,8 +96,7 @@ def train(setup, name, seed, lr, steps, checkpoints=()):
                 lambdas[t] = engine.allocator.raw.detach().clone()
         if t < steps:
             losses.append(engine.step(t).record["loss"])
-    return dict(loss=np.array(losses), accuracy=replica.score(setup.test, "accuracy"),
-                theta=thetas, raw=lambdas, lam=engine.allocator.parameters())
+    return dict(loss=np.array(losses), accuracy=replica.score(setup.test, "accuracy"), theta=thetas, raw=lambdas)
 
 
 class Capture(LocalExecutor):
@@ -112,9 +116,7 @@ def gradient_errors(setup, replica, name, batches, reps, raw=None):
         engine.allocator.raw.data.copy_(raw)
     out = []
     for b, batch in enumerate(batches):
-        theta = replica.theta.clone().requires_grad_(True)
-        loss = setup.loss_fn(replica.forward.call(theta, replica.inputs[batch]), replica.labels[batch]).mean()
-        g = torch.autograd.grad(loss, theta)[0].double()
+        g = example_gradients(setup, replica, batch).mean(0)
         engine.batch = lambda t, batch=batch: batch  # pin the batch; t now only moves the noise
         est = []
         for r in range(reps):
@@ -123,8 +125,26 @@ def gradient_errors(setup, replica, name, batches, reps, raw=None):
         est = torch.stack(est)
         mse = ((est - g) ** 2).sum(1).mean().item()
         var = ((est - est.mean(0)) ** 2).sum().item() / (reps - 1)
-        out.append((mse, var, mse - var, (g ** 2).sum().item()))
-    return np.array(out)  # [batches, (mse, variance, bias², ‖g‖²)]
+        out.append((mse, var, mse - var, (g ** 2).sum().item(), (g @ est.mean(0)).item()))
+    return np.array(out)  # [batches, (MSE, variance, bias², ‖g‖², gᵀĝ̄)]
+
+
+def example_gradients(setup, replica, batch):
+    """Backprop gradients of each example's loss w.r.t. θ (the head), [B, d] in Target order."""
+    theta = replica.theta.clone().requires_grad_(True)
+    losses = setup.loss_fn(replica.forward.call(theta, replica.inputs[batch]), replica.labels[batch])
+    return torch.stack([torch.autograd.grad(l, theta, retain_graph=True)[0] for l in losses]).double()
+
+
+def oracle_ratio(setup, replica, batches, budget, a_min):
+    """V(A*)/V(uniform) for the exact integer optimum A* on the true c_j = (d − 1)‖g_j‖² (lr estimator,
+    Rademacher noise): the most any allocator could gain. Also the uniform MSE the theory predicts."""
+    v_opt = v_unif = 0.0
+    for batch in batches:
+        c = (replica.d - 1) * (example_gradients(setup, replica, batch) ** 2).sum(1).numpy()
+        v_opt += variance_objective(c, optimal_integer_allocation(c, budget, a_min))
+        v_unif += variance_objective(c, np.full(len(c), budget // len(c)))
+    return v_opt / v_unif, v_unif / len(batches) / len(batches[0]) ** 2
 
 
 def jackknife_ratio(num, den):
@@ -132,6 +152,11 @@ def jackknife_ratio(num, den):
     n = len(num)
     loo = (num.sum() - num) / (den.sum() - den)
     return num.sum() / den.sum(), float(np.sqrt((n - 1) / n * ((loo - loo.mean()) ** 2).sum()))
+
+
+def show_lambda(raw):
+    b0, b1, log_s, log_g = raw.tolist()
+    return f"β0 {b0:.2f} β1 {b1:.2f} s {np.exp(log_s):.3f} γ {np.exp(log_g):.2f} (β1/β0 {b1 / b0:.2f}, s/β0 {np.exp(log_s) / b0:.3f})"
 
 
 def running_mean(x, w=WINDOW):
@@ -167,7 +192,8 @@ def main():
     for lr in lrs:
         for seed in range(args.seeds):
             for name in ALLOCATORS:
-                keep = checkpoints if seed == 0 and lr == lrs[0] and name in ("uniform", "flops") else ()
+                # θ of uniform seed 0 is where gradients are measured; λ of flops seed 0 is measured there
+                keep = checkpoints if lr == lrs[0] and (name == "flops" or name == "uniform" and seed == 0) else ()
                 runs[name, lr, seed] = train(setup, name, seed, lr, args.steps, keep)
                 r = runs[name, lr, seed]
                 progress(f"trained {name:12s} lr {lr} seed {seed}: loss {r['loss'][-WINDOW:].mean():.4f} "
@@ -178,9 +204,10 @@ def main():
     batches = [pick.choice(len(setup.train), cfg.train.batch_size, replace=False) for _ in range(args.batches)]
     base = runs["uniform", lrs[0], 0]
     replica = setup.replica(cfg)
-    errors = {}
+    errors, oracle = {}, {}
     for t in checkpoints:
         replica.theta = base["theta"][t].clone()
+        oracle[t] = oracle_ratio(setup, replica, batches, budget, cfg.train.min_queries)
         for name in ALLOCATORS:
             raw = runs["flops", lrs[0], 0]["raw"][t] if name == "flops" else None
             errors[name, t] = gradient_errors(setup, replica, name, batches, args.reps, raw)
@@ -189,55 +216,60 @@ def main():
     emit(f"digits head fine-tuning, d = {replica.d}, B = {cfg.train.batch_size}, budget {budget} queries/step "
          f"for every allocator, {args.steps} steps, seeds 0..{args.seeds - 1}")
     emit()
-    emit(f"1. Gradient estimate error / uniform's MSE (= its variance), θ of the uniform lr {lrs[0]} seed-0 run,")
-    emit(f"   {args.batches} fixed batches x {args.reps} repeats; ± jackknife over batches")
+    emit(f"1. Gradient estimate error, θ of the uniform lr {lrs[0]} seed-0 run; {args.batches} fixed batches "
+         f"x {args.reps} repeats; ± jackknife over batches.")
+    emit("   MSE, variance, bias²: divided by uniform's MSE. g-gain = gᵀE[ĝ]/‖g‖² (1: unbiased along g).")
+    emit("   oracle = V(A*)/V(uniform) for the exact optimum on the true per-example c_j (analytic bound).")
     for t in checkpoints:
         unif = errors["uniform", t]
-        emit(f"   after {t} steps: uniform MSE {unif[:, 0].mean():.3g}, ‖g‖² {unif[:, 3].mean():.3g}, "
-             f"uniform bias²/MSE {jackknife_ratio(unif[:, 2], unif[:, 0])[0]:+.3f}")
-        emit(f"   {'allocator':14s}{'MSE':>16s}{'variance':>16s}{'bias²':>16s}")
+        emit(f"   after {t} steps: uniform MSE {unif[:, 0].mean():.3g} (theory {oracle[t][1]:.3g}), "
+             f"‖g‖² {unif[:, 3].mean():.3g}, oracle {oracle[t][0]:.3f}")
+        emit(f"   {'allocator':14s}{'MSE':>16s}{'variance':>16s}{'bias²':>16s}{'bias²/‖g‖²':>16s}{'g-gain':>16s}")
         for name in ALLOCATORS:
-            if name == "uniform":
-                continue
-            cells = [jackknife_ratio(errors[name, t][:, k], unif[:, 0]) for k in range(3)]
+            e = errors[name, t]
+            cells = [jackknife_ratio(e[:, k], unif[:, 0]) for k in range(3)]
+            cells += [jackknife_ratio(e[:, 2], e[:, 3]), jackknife_ratio(e[:, 4], e[:, 3])]
             emit(f"   {name:14s}" + "".join(f"{m:>9.3f} ± {s:.3f}" for m, s in cells))
-    lam = {t: runs["flops", lrs[0], 0]["raw"][t].tolist() for t in checkpoints}
-    emit("   flops λ (β0, β1, log s, log γ) of seed 0: "
-         + "; ".join(f"step {t}: " + ", ".join(f"{v:.2f}" for v in lam[t]) for t in checkpoints))
+    emit("   flops λ of seed 0 (allocations depend only on β1/β0 and s/β0): " + "; ".join(
+        f"step {t}: {show_lambda(runs['flops', lrs[0], 0]['raw'][t])}" for t in checkpoints))
     emit()
 
+    def finals(name, lr):  # per seed: final train loss, test accuracy
+        return (np.array([runs[name, lr, s]["loss"][-WINDOW:].mean() for s in range(args.seeds)]),
+                np.array([runs[name, lr, s]["accuracy"] for s in range(args.seeds)]))
+
     emit(f"2. Training at lr {lrs[0]} (mean ± std over {args.seeds} seeds)")
-    emit(f"   {'allocator':14s}{'test accuracy':>18s}{'train loss (last ' + str(WINDOW) + ')':>26s}")
+    emit(f"   {'allocator':14s}{'test accuracy':>18s}{'train loss (last ' + str(WINDOW) + ')':>26s}"
+         f"{'loss − uniform, paired':>26s}")
     for name in ALLOCATORS:
-        acc = [runs[name, lrs[0], s]["accuracy"] for s in range(args.seeds)]
-        loss = [runs[name, lrs[0], s]["loss"][-WINDOW:].mean() for s in range(args.seeds)]
-        emit(f"   {name:14s}{np.mean(acc):>10.4f} ± {np.std(acc):.4f}{np.mean(loss):>16.4f} ± {np.std(loss):.4f}")
-    emit("   flops λ at the end, per seed: " + "; ".join(
-        ", ".join(f"{k} {v:.2f}" for k, v in runs["flops", lrs[0], s]["lam"].items()) for s in range(args.seeds)))
+        loss, acc = finals(name, lrs[0])
+        diff = loss - finals("uniform", lrs[0])[0]  # same seed, same batches: a paired difference
+        emit(f"   {name:14s}{acc.mean():>10.4f} ± {acc.std():.4f}{loss.mean():>16.4f} ± {loss.std():.4f}"
+             f"{diff.mean():>+16.4f} ± {diff.std():.4f}")
+    emit("   flops λ at the end, per seed: "
+         + "; ".join(show_lambda(runs["flops", lrs[0], s]["raw"][args.steps]) for s in range(args.seeds)))
     emit()
 
     curves = {(name, lr): running_mean(np.mean([runs[name, lr, s]["loss"] for s in range(args.seeds)], 0))
               for name in ALLOCATORS for lr in lrs}
-    target = np.mean([runs["uniform", lrs[0], s]["loss"][-WINDOW:].mean() for s in range(args.seeds)])
+    target = curves["uniform", lrs[0]][-1]  # = uniform's final train loss, seed mean (steps ≥ WINDOW)
 
     def to_target(name, lr):
         hit = np.nonzero(curves[name, lr] <= target)[0]
         return (hit[0] + 1) * budget if len(hit) else None
 
     ref = to_target("uniform", lrs[0])
-    emit(f"3. Learning rates {lrs}; queries to train loss {target:.4f} (uniform's final at lr {lrs[0]}), "
-         f"running mean of {WINDOW} steps of the seed-mean loss; ratio to uniform at lr {lrs[0]}")
+    emit(f"3. Learning rates {lrs}; queries to train loss {target:.4f} (uniform's final at lr {lrs[0]}) on the "
+         f"{WINDOW}-step running mean of the seed-mean loss; ratio to uniform at lr {lrs[0]}")
     emit(f"   {'allocator':14s}{'lr':>6s}{'test accuracy':>18s}{'train loss':>18s}{'queries':>10s}{'ratio':>8s}")
     for name in ALLOCATORS:
-        final = {lr: np.mean([runs[name, lr, s]["loss"][-WINDOW:].mean() for s in range(args.seeds)]) for lr in lrs}
-        best = min(lrs, key=final.get)
+        best = min(lrs, key=lambda lr: finals(name, lr)[0].mean())
         for lr in lrs:
-            acc = [runs[name, lr, s]["accuracy"] for s in range(args.seeds)]
-            loss = [runs[name, lr, s]["loss"][-WINDOW:].mean() for s in range(args.seeds)]
+            loss, acc = finals(name, lr)
             q = to_target(name, lr)
             mark = " (best lr)" if lr == best and len(lrs) > 1 else ""
-            emit(f"   {name:14s}{lr:>6g}{np.mean(acc):>10.4f} ± {np.std(acc):.4f}{np.mean(loss):>10.4f} ± "
-                 f"{np.std(loss):.4f}" + (f"{q:>10d}{q / ref:>8.2f}" if q else f"{'never':>10s}{'':>8s}") + mark)
+            emit(f"   {name:14s}{lr:>6g}{acc.mean():>10.4f} ± {acc.std():.4f}{loss.mean():>10.4f} ± "
+                 f"{loss.std():.4f}" + (f"{q:>10d}{q / ref:>8.2f}" if q else f"{'never':>10s}{'':>8s}") + mark)
     emit()
     emit(f"runtime {time.perf_counter() - began:.0f} s")
 

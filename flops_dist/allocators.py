@@ -111,6 +111,14 @@ class UniformAllocator:
     def parameters(self) -> dict[str, float]:
         return {}
 
+    def state(self) -> list[float]:
+        """Everything learn() changes, as floats: logged every step so a run resumes exactly."""
+        return []
+
+    def load_state(self, state: list[float]) -> None:
+        if state:
+            raise ValueError(f"{self.name} allocator has no state, got {len(state)} values")
+
 
 class NeymanAllocator(UniformAllocator):
     """Pilot A_min units per example, then the whole allocation ∝ √ĉ_pilot. Large pilots attract
@@ -162,6 +170,26 @@ class GaussianAllocator:
     def parameters(self) -> dict[str, float]:
         b0, b1, log_s, log_g = self.raw.detach().tolist()
         return {"beta0": b0, "beta1": b1, "s": math.exp(log_s), "gamma": math.exp(log_g)}
+
+    def state(self) -> list[float]:
+        """λ (raw), then Adam's step, first and second moments for λ."""
+        values = self.raw.detach().tolist()
+        if self.optimizer is not None:
+            adam = self.optimizer.state.get(self.raw, {})
+            if adam:
+                values += [float(adam["step"])] + adam["exp_avg"].tolist() + adam["exp_avg_sq"].tolist()
+        return values
+
+    def load_state(self, state: list[float]) -> None:
+        if len(state) not in (4, 13):
+            raise ValueError(f"flops allocator state has 4 or 13 values, got {len(state)}")
+        with torch.no_grad():
+            self.raw.copy_(torch.tensor(state[:4], dtype=torch.float64))
+        if len(state) == 13 and self.optimizer is not None:
+            self.optimizer.state[self.raw] = {
+                "step": torch.tensor(state[4], dtype=torch.float32),
+                "exp_avg": torch.tensor(state[5:9], dtype=torch.float64),
+                "exp_avg_sq": torch.tensor(state[9:13], dtype=torch.float64)}
 
     def _features(self, unit_embeddings, omega, phase, log_gamma):
         if unit_embeddings is None:

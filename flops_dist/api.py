@@ -29,6 +29,7 @@ from .config import Config, ConfigError
 from .coordinator import RemoteCoordinator
 from .data import ArrayDataset, DataError, load_dataset, table_to_arrays
 from .replica import Replica, ReplicaSpec
+from .runlog import read_log
 from .sharding import chunk_examples, plan_queries
 
 
@@ -147,14 +148,14 @@ def start_ray(cfg: Config) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if cfg.cluster.address:
         ray.init(address=cfg.cluster.address, logging_level=logging.WARNING)
-    else:
-        ray.init(num_cpus=cfg.cluster.num_cpus or None, include_dashboard=False,
+    else:  # "local": always a fresh instance of our own, never a cluster left running by `ray start`
+        ray.init(address="local", num_cpus=cfg.cluster.num_cpus or None, include_dashboard=False,
                  logging_level=logging.WARNING)
 
 
-def _progress_line(rec: dict, total: int, began: float) -> str:
+def _progress_line(rec: dict, total: int, began: float, first: int) -> str:
     done = rec["step"] + 1
-    rate = done / max(time.perf_counter() - began, 1e-9)
+    rate = (done - first) / max(time.perf_counter() - began, 1e-9)
     eta = (total - done) / rate if rate > 0 else float("nan")
     lam = "" if np.isnan(rec["lambda_beta0"]) else (
         f"  λ=(β0 {rec['lambda_beta0']:.2f}, β1 {rec['lambda_beta1']:.2f}, s {rec['lambda_s']:.2f}, "
@@ -164,8 +165,10 @@ def _progress_line(rec: dict, total: int, began: float) -> str:
 
 
 def train(model: nn.Module, loss_fn, train_data, config: Config, test_data=None,
-          progress=print) -> TrainResult:
-    """Train `model`'s target parameters forward-only; returns the trained model and the run log."""
+          progress=print, resume: bool = False) -> TrainResult:
+    """Train `model`'s target parameters forward-only; returns the trained model and the run log.
+    With resume=True, continue the run in config.output.run_dir from its last snapshot plus its
+    update log; the result is bit-identical to an uninterrupted run."""
     cfg = config.validate()
     train_set = as_dataset(train_data, cfg, "train data")
     test_set = as_dataset(test_data, cfg, "test data") if test_data is not None else None
@@ -177,23 +180,25 @@ def train(model: nn.Module, loss_fn, train_data, config: Config, test_data=None,
     refs = {"model": ray.put(model), "loss_fn": ray.put(loss_fn), "train": ray.put(train_set),
             "test": ray.put(test_set) if test_set is not None else None}
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    coordinator = RemoteCoordinator.options(num_cpus=0, scheduling_strategy=here).remote(cfg, refs, len(train_set))
+    coordinator = RemoteCoordinator.options(num_cpus=0, scheduling_strategy=here).remote(
+        cfg, refs, len(train_set), resume)
     try:
         info = ray.get(coordinator.info.remote())
         devices = sorted({w["device"] for w in info["workers"]})
         progress(f"flops_dist: {len(info['workers'])} workers on {', '.join(devices)}; "
-                 f"d = {info['d']} target parameters; run dir {info['run_dir']}")
+                 f"d = {info['d']} target parameters; run dir {info['run_dir']}"
+                 + (f"; resumed at step {info['step']}" if resume else ""))
         if info["metrics_url"]:
             progress(f"metrics at {info['metrics_url']}")
         before = ray.get(coordinator.score.remote())
         if before is not None:
             progress(f"test {cfg.data.metric} before: {before:.4f}")
-        began = time.perf_counter()
+        began, first = time.perf_counter(), info["step"]
         while True:
             records = ray.get(coordinator.run.remote(cfg.output.log_every))
             if not records:
                 break
-            progress(_progress_line(records[-1], cfg.train.steps, began))
+            progress(_progress_line(records[-1], cfg.train.steps, began, first))
             if records[-1]["step"] + 1 >= cfg.train.steps:
                 break
         after = ray.get(coordinator.score.remote())
@@ -204,12 +209,17 @@ def train(model: nn.Module, loss_fn, train_data, config: Config, test_data=None,
         cause = e.cause if getattr(e, "cause", None) is not None else e
         raise TrainingError(f"{type(cause).__name__}: {cause}") from None
     except ray.exceptions.RayActorError as e:
+        if getattr(e, "_actor_init_failed", False):
+            # Ray keeps only the text of an error raised while an actor started; its last line is
+            # the original "Type: message"
+            lines = [line for line in str(getattr(e, "error_msg", e)).splitlines() if line.strip()]
+            raise TrainingError(lines[-1].strip() if lines else str(e)) from None
         raise TrainingError(f"the coordinator died: {e}") from None
     finally:
         ray.kill(coordinator)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
     run_dir = Path(cfg.output.run_dir)
-    run_log = pq.read_table(run_dir / "run_log.parquet")
+    run_log = read_log(run_dir, "run_log")
     try:
         from .plots import plot_run
         plot_run(run_dir)

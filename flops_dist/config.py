@@ -83,12 +83,14 @@ class ClusterConfig:
     num_cpus: int = 0                # CPUs for a local Ray (0 = all)
     threads_per_worker: int = 1      # torch threads per replica; the same on every worker
     gpus_per_worker: str = "auto"    # "auto": one GPU each when the cluster has GPUs, else "0" or "1"
+    rescale_every: int = 50          # with fewer workers than asked, look for room to add one every this many steps
 
 
 @dataclass
 class OutputConfig:
     run_dir: str = "runs/latest"     # run log, update log and final model go here
     log_every: int = 10              # progress line and log flush every this many steps
+    snapshot_every: int = 100        # θ snapshot (and log flush) every this many steps; resume replays the rest
 
 
 @dataclass
@@ -144,6 +146,11 @@ class Config:
         if not -1 <= self.metrics.port <= 65535:
             raise ConfigError(f"metrics.port: must be -1 (off), 0 (any free port) or a port number, "
                               f"got {self.metrics.port}")
+        for name in ("snapshot_every", "log_every"):
+            if getattr(self.output, name) < 1:
+                raise ConfigError(f"output.{name}: must be at least 1, got {getattr(self.output, name)}")
+        if c.rescale_every < 1:
+            raise ConfigError(f"cluster.rescale_every: must be at least 1, got {c.rescale_every}")
         if self.output.log_every < 1:
             raise ConfigError(f"output.log_every: must be at least 1, got {self.output.log_every}")
         return self

@@ -6,6 +6,8 @@ unfinished chunks dealt to the live ones, and the step's result is unchanged.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -19,7 +21,8 @@ from .config import Config
 from .engine import Engine
 from .metrics import RunMetrics
 from .replica import ReplicaSpec
-from .runlog import RunLogWriter
+from .runlog import (RunLogWriter, RunStateError, Snapshot, latest_snapshot, messages, read_log,
+                     save_snapshot, truncate_log, write_atomically)
 from .sharding import QueryChunks, assign_chunks, chunk_costs
 from .worker import RemoteWorker
 
@@ -126,6 +129,11 @@ class RayExecutor:
     def apply(self, msg) -> None:
         self.message = msg  # delivered with the next clean forward, saving a round trip per step
 
+    def add(self, worker) -> None:
+        self.workers.append(worker)
+        self.speeds = np.append(self.speeds, self.speeds.mean() if len(self.speeds) else 1.0)
+        self.query_rates = np.append(self.query_rates, 0.0)
+
     def hashes(self) -> list[str]:
         self.deliver()
         return ray.get([w.hash.remote() for w in self.workers])
@@ -137,36 +145,46 @@ def gpus_per_worker(cfg: Config) -> int:
     return int(cfg.cluster.gpus_per_worker)
 
 
-def placeable_workers(cfg: Config, gpus: int) -> int:
-    resources = ray.cluster_resources()
-    limit = int(resources.get("GPU", 0)) if gpus else int(resources.get("CPU", 0))
-    return min(cfg.cluster.workers, limit)
-
-
 class Coordinator:
-    def __init__(self, cfg: Config, refs: dict, n_examples: int):
+    """The step loop's owner. Durable state lives in the run directory (runlog.py); a worker that
+    dies is replaced by one that loads the last snapshot, replays the update log and proves by its
+    parameter hash that it matches the others before it takes queries."""
+
+    def __init__(self, cfg: Config, refs: dict, n_examples: int, resume: bool = False):
         torch.set_num_threads(1)  # the allocator's math must not depend on the host's cores
-        self.cfg = cfg
-        self.refs = refs
+        self.cfg, self.refs = cfg, refs
         t = cfg.train
-        spec = ReplicaSpec(include=cfg.target.include, embedding_module=cfg.target.embedding_module,
-                           sigma=t.sigma, noise=t.noise, optimizer=t.optimizer_config(),
-                           threads=cfg.cluster.threads_per_worker)
-        gpus = gpus_per_worker(cfg)
-        count = placeable_workers(cfg, gpus)
+        self.spec = ReplicaSpec(include=cfg.target.include, embedding_module=cfg.target.embedding_module,
+                                sigma=t.sigma, noise=t.noise, optimizer=t.optimizer_config(),
+                                threads=cfg.cluster.threads_per_worker)
+        self.gpus = gpus_per_worker(cfg)
+        self.run_dir = Path(cfg.output.run_dir)
+        if not resume and ((self.run_dir / "updates").exists() or (self.run_dir / "snapshots").exists()):
+            raise RuntimeError(f"output.run_dir: {self.run_dir} already holds a run; resume it with "
+                               "`flops-dist train --resume RUN_DIR` or choose another run_dir")
+        deadline = time.monotonic() + 10  # resources of a previous run may still be on their way back
+        while self._free_slots() < cfg.cluster.workers and time.monotonic() < deadline:
+            time.sleep(0.5)
+        count = min(cfg.cluster.workers, self._free_slots())
         if count < cfg.cluster.min_workers:
-            raise RuntimeError(f"cluster.min_workers: the cluster can place {count} workers with "
-                               f"{'1 GPU' if gpus else '1 CPU'} each, fewer than the {cfg.cluster.min_workers} asked for")
+            raise RuntimeError(f"cluster.min_workers: the cluster has room for {count} workers with "
+                               f"{'1 GPU' if self.gpus else '1 CPU'} each, fewer than the "
+                               f"{cfg.cluster.min_workers} asked for")
         if count < cfg.cluster.workers:
-            log.warning("starting with %d of %d workers: the cluster lacks resources", count, cfg.cluster.workers)
-        workers = [RemoteWorker.options(num_cpus=0 if gpus else 1, num_gpus=gpus).remote(
-            refs["model"], refs["loss_fn"], refs["train"], spec) for _ in range(count)]
+            log.warning("starting with %d of %d workers: the cluster lacks resources; more join when it has them",
+                        count, cfg.cluster.workers)
+        workers = [self._new_worker() for _ in range(count)]
         self.worker_info = ray.get([w.info.remote() for w in workers])
         self.executor = RayExecutor(workers)
         self.engine = Engine(t, self.executor, n_examples, self.worker_info[0]["d"])
-        self.run_dir = Path(cfg.output.run_dir)
         self.writer = RunLogWriter(self.run_dir)
+        self.restarts = 0
         self.step = 0
+        if resume:
+            self._resume()
+        else:
+            (self.run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+            self._take_snapshot()
         self.metrics = RunMetrics()
         self.metrics_url = None
         if cfg.metrics.port >= 0:
@@ -179,9 +197,83 @@ class Coordinator:
             self.metrics_url = f"http://{cfg.metrics.address}:{port}/metrics"
         self.metrics.workers_alive.set(len(workers))
 
+    # -- workers ---------------------------------------------------------------------------------
+    def _free_slots(self) -> int:
+        free = ray.available_resources()
+        return int(free.get("GPU", 0)) if self.gpus else int(free.get("CPU", 0))
+
+    def _new_worker(self):
+        return RemoteWorker.options(num_cpus=0 if self.gpus else 1, num_gpus=self.gpus).remote(
+            self.refs["model"], self.refs["loss_fn"], self.refs["train"], self.spec)
+
+    def _catch_up(self, worker, timeout: float = 120.0) -> bool:
+        """Bring a new worker to the current step from the last snapshot plus the update log, and
+        admit it only if its parameter hash equals a live replica's."""
+        self.executor.deliver()
+        try:
+            new_hash = ray.get(worker.restore.remote(self.snapshot.tensors, self.snapshot.step,
+                                                     self.messages_since_snapshot), timeout=timeout)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:
+            log.warning("a new worker could not start (%s); will retry later", type(e).__name__)
+            ray.kill(worker)
+            return False
+        reference = ray.get(self.executor.workers[0].hash.remote()) if self.executor.workers else self.snapshot_hash
+        if new_hash != reference:
+            ray.kill(worker)
+            raise RuntimeError(f"a new worker caught up to step {self.step} with hash {new_hash[:12]}, "
+                               f"but the replicas hold {reference[:12]}: the update log does not reproduce θ")
+        self.executor.add(worker)
+        return True
+
+    def _fill_workers(self) -> None:
+        """Replace dead workers and admit late joiners while the cluster has room."""
+        while len(self.executor.workers) < self.cfg.cluster.workers and self._free_slots() > 0:
+            if not self._catch_up(self._new_worker()):
+                break
+            replaced = self.executor.workers_lost > self.restarts
+            if replaced:
+                self.restarts += 1
+                self.metrics.worker_restarts.inc()
+            log.warning("worker %s at step %d; %d live", "replaced" if replaced else "joined", self.step,
+                        len(self.executor.workers))
+
+    # -- durable state ---------------------------------------------------------------------------
+    def _take_snapshot(self) -> None:
+        self.executor.deliver()
+        tensors, step, digest = ray.get(self.executor.workers[0].snapshot.remote())
+        assert step == self.step, (step, self.step)
+        self.snapshot = Snapshot(step, tensors, digest)
+        self.snapshot_hash = digest
+        self.messages_since_snapshot = []
+        save_snapshot(self.run_dir, self.snapshot)
+
+    def _resume(self) -> None:
+        runs, updates = read_log(self.run_dir, "run_log"), read_log(self.run_dir, "updates")
+        # a step counts when both logs have it; the rest is recomputed, bit for bit
+        steps = min(runs.num_rows, updates.num_rows)
+        for sub in ("run_log", "updates"):
+            truncate_log(self.run_dir, sub, steps)
+        snap = latest_snapshot(self.run_dir, steps)
+        if snap is None:  # base weights plus the whole log is a checkpoint too
+            log.warning("%s: no readable snapshot; replaying %d updates onto the base weights", self.run_dir, steps)
+            tensors, _, digest = ray.get(self.executor.workers[0].snapshot.remote())
+            snap = Snapshot(0, tensors, digest)
+            save_snapshot(self.run_dir, snap)
+        replay = messages(updates, snap.step)[:steps - snap.step]
+        hashes = ray.get([w.restore.remote(snap.tensors, snap.step, replay) for w in self.executor.workers])
+        if len(set(hashes)) != 1:
+            raise RunStateError("replicas disagree after replaying the update log")
+        if steps:
+            self.engine.allocator.load_state(runs.column("allocator_state")[steps - 1].as_py())
+        self.step = steps
+        self.snapshot, self.snapshot_hash, self.messages_since_snapshot = snap, snap.hash, replay
+        log.warning("resumed at step %d from the snapshot of step %d plus %d logged updates",
+                    steps, snap.step, len(replay))
+
+    # -- the loop --------------------------------------------------------------------------------
     def info(self) -> dict:
-        return {"workers": self.worker_info, "d": self.engine.d, "run_dir": str(self.run_dir),
-                "metrics_url": self.metrics_url}
+        return {"workers": ray.get([w.info.remote() for w in self.executor.workers]), "d": self.engine.d,
+                "run_dir": str(self.run_dir), "metrics_url": self.metrics_url, "step": self.step}
 
     def worker_handles(self) -> list:
         """The live workers' actor handles, for operators (and tests) to inspect or stop."""
@@ -196,29 +288,34 @@ class Coordinator:
     def run(self, steps: int) -> list[dict]:
         """Run up to `steps` more steps; returns their run-log rows."""
         records = []
-        began = time.perf_counter()
+        every = self.cfg.output.snapshot_every
         for _ in range(min(steps, self.cfg.train.steps - self.step)):
+            if len(self.executor.workers) < self.cfg.cluster.workers and (
+                    self.executor.workers_lost > self.restarts or self.step % self.cfg.cluster.rescale_every == 0):
+                self._fill_workers()
             outcome = self.engine.step(self.step)
-            self.writer.append(outcome.record, outcome.message, outcome.allocation)
+            self.writer.append(outcome.record, outcome.message, outcome.allocation, self.engine.allocator.state())
+            self.messages_since_snapshot.append(outcome.message)
             alive = len(self.executor.workers)
             self.metrics.record(outcome.record, self.executor.query_rates.tolist(), alive)
-            records.append({**outcome.record, "workers_alive": alive, "workers_lost": self.executor.workers_lost})
+            records.append({**outcome.record, "workers_alive": alive, "workers_lost": self.executor.workers_lost,
+                            "worker_restarts": self.restarts})
             self.step += 1
+            if self.step % every == 0:
+                self.writer.flush()
+                self._take_snapshot()
         self.writer.flush()
-        if records:
-            records[-1]["chunk_seconds"] = time.perf_counter() - began
         return records
 
     def finish(self) -> dict[str, np.ndarray]:
-        """Check that every replica agrees, close the logs, save and return the final model."""
+        """Check that every replica agrees, snapshot, save and return the final model."""
         self.engine.check_replicas(self.step - 1)
-        self.writer.close()
+        self.writer.flush()
+        if self.snapshot.step != self.step:
+            self._take_snapshot()
         self.metrics.close()
-        self.executor.deliver()
         state = ray.get(self.executor.workers[0].state_dict.remote())
-        tmp = self.run_dir / "model.safetensors.tmp"
-        save_file(state, str(tmp))
-        tmp.replace(self.run_dir / "model.safetensors")
+        write_atomically(self.run_dir / "model.safetensors", lambda tmp: save_file(state, str(tmp)))
         return state
 
 

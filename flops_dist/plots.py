@@ -8,12 +8,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
+
+from .runlog import read_log  # noqa: E402
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
-    log = pq.read_table(run_dir / "run_log.parquet").to_pydict()
+    log = read_log(run_dir, "run_log").to_pydict()
     steps = np.array(log["step"])
     queries = np.cumsum(log["queries"])
     fig, (ax_loss, ax_alloc) = plt.subplots(1, 2, figsize=(11, 4))

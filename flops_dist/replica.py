@@ -92,6 +92,24 @@ class Replica:
     def hash(self) -> str:
         return parameter_hash(self.theta, self.opt_state)
 
+    def snapshot_tensors(self) -> dict[str, np.ndarray]:
+        """θ and the optimizer state, for a snapshot."""
+        out = {"theta": self.theta.detach().cpu().numpy()}
+        out.update({f"opt.{k}": v.detach().cpu().numpy() for k, v in self.opt_state.items()})
+        return out
+
+    def restore(self, tensors: dict[str, np.ndarray], step: int, messages: list[UpdateMessage]) -> str:
+        """Load a snapshot taken before `step`, replay the update log from there; returns the hash."""
+        theta = torch.tensor(tensors["theta"], device=self.device)
+        if theta.shape != self.theta.shape:
+            raise ValueError(f"snapshot θ has {theta.numel()} values, the target has {self.theta.numel()}")
+        self.theta = theta
+        self.opt_state = {k[4:]: torch.tensor(v, device=self.device) for k, v in tensors.items() if k.startswith("opt.")}
+        self.updates_applied = step
+        for msg in messages:
+            self.apply(msg)
+        return self.hash()
+
     def state_dict(self) -> dict[str, np.ndarray]:
         """The model's full state with θ written in, as numpy arrays (for safetensors)."""
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}

@@ -38,6 +38,12 @@ class Worker:
     def hash(self) -> str:
         return self.replica.hash()
 
+    def snapshot(self):
+        return self.replica.snapshot_tensors(), self.replica.updates_applied, self.replica.hash()
+
+    def restore(self, tensors, step: int, messages) -> str:
+        return self.replica.restore(tensors, step, messages)
+
     def state_dict(self):
         return self.replica.state_dict()
 

@@ -4,7 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
+from safetensors.numpy import load_file
+
+from flops_dist.runlog import read_log
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits"
 
@@ -30,8 +32,7 @@ def test_digits_job_trains_and_reports_accuracy(tmp_path, digits_dir):
     assert "test accuracy before: 0." in out.stdout and "test accuracy after:  0." in out.stdout
     assert "step    30/30" in out.stdout
     assert "metrics at http://127.0.0.1:" in out.stdout
-    log = pq.read_table(tmp_path / "run" / "run_log.parquet")
-    assert log.num_rows == 30
+    assert read_log(tmp_path / "run", "run_log").num_rows == 30
 
 
 def test_bad_config_is_one_clear_line(tmp_path, digits_dir):
@@ -45,3 +46,22 @@ def test_bad_config_is_one_clear_line(tmp_path, digits_dir):
     assert "Traceback" not in out.stderr
     out = flops_dist("train", str(tmp_path / "missing.toml"))
     assert out.returncode == 2 and "does not exist" in out.stderr
+
+
+def test_resume_extends_a_run_bit_identically(tmp_path, digits_dir):
+    job = job_dir(tmp_path, digits_dir)
+    common = ["--set", "output.snapshot_every=4", "--set", "metrics.port=-1", "--set", "cluster.workers=1"]
+    straight = flops_dist("train", str(job / "digits.toml"), "--set", "train.steps=10",
+                          "--set", f"output.run_dir='{tmp_path / 'straight'}'", *common)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    first = flops_dist("train", str(job / "digits.toml"), "--set", "train.steps=6",
+                       "--set", f"output.run_dir='{tmp_path / 'resumed'}'", *common)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = flops_dist("train", str(job / "digits.toml"), "--set", f"output.run_dir='{tmp_path / 'resumed'}'", *common)
+    assert again.returncode == 1 and "already holds a run" in again.stderr
+    resumed = flops_dist("train", "--resume", str(tmp_path / "resumed"), "--set", "train.steps=10")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed at step 6" in resumed.stdout
+    a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert all((a[k] == b[k]).all() for k in a)
+    assert read_log(tmp_path / "resumed", "run_log").column("step").to_pylist() == list(range(10))

@@ -2,7 +2,10 @@
 import copy
 
 import numpy as np
-import pyarrow.parquet as pq
+import os
+import signal
+import time
+
 import pytest
 import ray
 import torch
@@ -13,6 +16,7 @@ from flops_dist.config import Config
 from flops_dist.coordinator import RemoteCoordinator
 from flops_dist.engine import Engine, LocalExecutor
 from flops_dist.replica import Replica, ReplicaSpec
+from flops_dist.runlog import read_log
 from flops_dist.targets import Target
 from models import blobs, build_mlp, cross_entropy
 
@@ -20,7 +24,7 @@ from models import blobs, build_mlp, cross_entropy
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     # two fake GPUs: placement is tested for real, the forwards still run on the CPU
-    ray.init(num_cpus=2, num_gpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
+    ray.init(address="local", num_cpus=2, num_gpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
              logging_level="WARNING")
     yield
     ray.shutdown()
@@ -73,13 +77,13 @@ def test_run_log_update_log_and_model_files(tmp_path):
     lines = []
     cfg = make_config(tmp_path, steps=10)
     result = train(build_mlp(), cross_entropy, blobs(), cfg, test_data=blobs(60, seed=1), progress=lines.append)
-    log = pq.read_table(result.run_dir / "run_log.parquet")
+    log = read_log(result.run_dir, "run_log")
     assert log.num_rows == 10 and log.column("step").to_pylist() == list(range(10))
     for column in ("loss", "queries", "allocation_min", "allocation_mean", "allocation_max",
                    "lambda_beta0", "lambda_beta1", "lambda_s", "lambda_gamma", "seconds"):
         assert column in log.column_names
     assert set(log.column("queries").to_pylist()) == {24 * 8}
-    updates = pq.read_table(result.run_dir / "updates.parquet")
+    updates = read_log(result.run_dir, "updates")
     assert updates.num_rows == 10 and max(log.column("update_bytes").to_pylist()) < 8 * 1024
     saved = load_file(str(result.run_dir / "model.safetensors"))  # safetensors: no unpickling
     for name, value in result.model.state_dict().items():
@@ -107,21 +111,66 @@ def test_workers_take_one_gpu_each_when_the_cluster_has_gpus(tmp_path):
         ray.kill(coordinator)
 
 
-def test_a_worker_killed_mid_run_changes_nothing(tmp_path):
-    cfg = make_config(tmp_path, steps=12)
+def final_theta(coordinator):
+    state = ray.get(coordinator.finish.remote())
+    model = build_mlp()
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    return trained_theta(model)
+
+
+@pytest.mark.parametrize("how", ["ray.kill", "SIGKILL"])
+def test_a_worker_killed_mid_run_is_replaced_and_changes_nothing(tmp_path, how):
+    cfg = make_config(tmp_path, steps=14)
+    cfg.output.snapshot_every = 4
     coordinator = start_coordinator(cfg)
     try:
         ray.get(coordinator.run.remote(5))
-        victim = ray.get(coordinator.worker_handles.remote())[1]
-        ray.kill(victim, no_restart=True)
-        records = ray.get(coordinator.run.remote(7))
-        assert records[-1]["workers_alive"] == 1 and records[-1]["workers_lost"] == 1
-        state = ray.get(coordinator.finish.remote())
+        if how == "ray.kill":
+            ray.kill(ray.get(coordinator.worker_handles.remote())[1], no_restart=True)
+        else:
+            os.kill(ray.get(coordinator.info.remote())["workers"][1]["pid"], signal.SIGKILL)
+        records = ray.get(coordinator.run.remote(9))
+        assert records[-1]["workers_lost"] == 1 and records[-1]["worker_restarts"] == 1
+        assert records[-1]["workers_alive"] == 2  # the replacement passed its hash check
+        theta = final_theta(coordinator)
     finally:
         ray.kill(coordinator)
-    model = build_mlp()
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
-    assert torch.equal(trained_theta(model), reference_theta(cfg))
+    assert torch.equal(theta, reference_theta(cfg))
+
+
+def test_a_dead_coordinator_resumes_from_snapshot_and_log_bit_identically(tmp_path):
+    cfg = make_config(tmp_path, steps=16)
+    cfg.output.snapshot_every, cfg.output.log_every = 5, 3
+    coordinator = start_coordinator(cfg)
+    ray.get(coordinator.info.remote())  # started
+    pending = coordinator.run.remote(16)
+    time.sleep(1.0)  # somewhere mid-run: the result must not depend on where
+    ray.kill(coordinator)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(pending)
+    logged = read_log(cfg.output.run_dir, "run_log").num_rows
+    assert logged < 16
+    result = train(build_mlp(), cross_entropy, blobs(), cfg, progress=lambda line: None, resume=True)
+    assert torch.equal(trained_theta(result.model), reference_theta(cfg))
+    assert result.run_log.column("step").to_pylist() == list(range(16))
+
+
+def test_a_corrupt_snapshot_falls_back_to_the_last_good_state(tmp_path, caplog):
+    cfg = make_config(tmp_path, steps=10)
+    cfg.output.snapshot_every = 4
+    coordinator = start_coordinator(cfg)
+    ray.get(coordinator.run.remote(10))
+    ray.kill(coordinator)
+    snapshots = sorted((tmp_path / "run2" / "snapshots").glob("step-*.safetensors"))
+    newest = snapshots[-1]
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated, as by a crash outside our atomic rename
+    segment = sorted((tmp_path / "run2" / "updates").glob("part-*.parquet"))[-1]
+    segment.write_bytes(b"garbage")
+    cfg.train.steps = 12
+    result = train(build_mlp(), cross_entropy, blobs(), cfg, progress=lambda line: None, resume=True)
+    assert (newest.with_name(newest.name + ".corrupt")).exists()
+    assert (segment.with_name(segment.name + ".corrupt")).exists()
+    assert torch.equal(trained_theta(result.model), reference_theta(cfg))
 
 
 def scrape(url: str) -> dict:
@@ -156,3 +205,13 @@ def test_metrics_are_served_on_loopback_and_follow_from_the_run(tmp_path):
     assert m[("flops_allocation_gini", ())] == pytest.approx(records[-1]["allocation_gini"])
     assert m[("flops_allocator_lambda", (("param", "gamma"),))] == pytest.approx(records[-1]["lambda_gamma"])
     assert all(m[("flops_worker_query_rate", (("worker", w),))] > 0 for w in ("0", "1"))
+
+
+def test_a_second_run_into_the_same_directory_is_refused_clearly(tmp_path):
+    from flops_dist.api import TrainingError
+    cfg = make_config(tmp_path, steps=2)
+    train(build_mlp(), cross_entropy, blobs(), cfg, progress=lambda line: None)
+    with pytest.raises(TrainingError) as err:
+        train(build_mlp(), cross_entropy, blobs(), cfg, progress=lambda line: None)
+    assert str(err.value).startswith("RuntimeError: output.run_dir:") and "already holds a run" in str(err.value)
+    assert "Traceback" not in str(err.value) and "\n" not in str(err.value)

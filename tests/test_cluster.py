@@ -1,0 +1,100 @@
+"""What an operator uses: a real Ray head started with `ray start`, a job sent with `ray job submit
+--working-dir`, and the cluster/ manifests, which must name the metrics the code exports."""
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flops_dist.metrics import RunMetrics
+from flops_dist.runlog import read_log
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    dashboard = free_port()
+    subprocess.run([RAY, "start", "--head", f"--port={free_port()}", f"--dashboard-port={dashboard}",
+                    "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", "--disable-usage-stats"],
+                   check=True, capture_output=True, env=env, timeout=180)
+    try:
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def ray_job(*args):
+    # token authentication is on for this cluster; the client must say so (DESIGN §6)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    return subprocess.run([RAY, "job", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_ray_job_submit_runs_the_example_on_a_started_head(ray_head, tmp_path, digits_dir):
+    job = tmp_path / "job"
+    shutil.copytree(ROOT / "examples" / "digits", job, ignore=shutil.ignore_patterns("data"))
+    shutil.copytree(digits_dir, job / "data")
+    run_dir = tmp_path / "run"
+    submission = f"flops-dist-test-{os.getpid()}"
+    sent = ray_job("submit", "--address", ray_head, "--submission-id", submission, "--working-dir", str(job),
+                   "--no-wait", "--", sys.executable, "-m", "flops_dist.cli", "train", "digits.toml",
+                   "--set", "train.steps=20", "--set", "cluster.address=auto", "--set", "metrics.port=-1",
+                   "--set", "output.log_every=10", "--set", f"output.run_dir='{run_dir}'")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    deadline, status = time.monotonic() + 400, ""
+    while time.monotonic() < deadline:
+        status = ray_job("status", "--address", ray_head, submission).stdout
+        if re.search(r"succeeded|failed|stopped", status, re.IGNORECASE):
+            break
+        time.sleep(3)
+    logs = ray_job("logs", "--address", ray_head, submission).stdout
+    assert "succeeded" in status.lower(), status + logs[-3000:]
+    assert "test accuracy after:" in logs and "step    20/20" in logs
+    assert read_log(run_dir, "run_log").column("step").to_pylist() == list(range(20))
+
+
+def exported_metric_names() -> set[str]:
+    names = set()
+    for family in RunMetrics().registry.collect():
+        names.add(family.name + ("_total" if family.type == "counter" else ""))
+    return names
+
+
+def test_the_grafana_dashboard_shows_every_exported_metric_and_nothing_else():
+    dashboard = json.loads((ROOT / "cluster" / "grafana-dashboard.json").read_text())
+    used = {name for panel in dashboard["panels"] for target in panel["targets"]
+            for name in re.findall(r"flops_[a-z_]+", target["expr"])}
+    used = {re.sub(r"_bucket$", "", n) for n in used}
+    assert used == exported_metric_names()
+
+
+def test_manifests_parse_and_expose_the_metrics_port():
+    launcher = yaml.safe_load((ROOT / "cluster" / "ray-cluster.yaml").read_text())
+    assert launcher["available_node_types"]["gpu_worker"]["resources"]["GPU"] == 1
+    assert "CPU" in launcher["available_node_types"]["head"]["resources"]
+    job, service = list(yaml.safe_load_all((ROOT / "cluster" / "rayjob.yaml").read_text()))
+    assert job["kind"] == "RayJob"
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"containerPort": 9500, "name": "flops-metrics"} in head["ports"]
+    assert {"name": "RAY_AUTH_MODE", "value": "token"} in head["env"]
+    worker = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "metrics.port=9500" in job["spec"]["entrypoint"]
+    assert service["spec"]["ports"][0]["port"] == 9500
+    scrape = yaml.safe_load((ROOT / "cluster" / "prometheus.yml").read_text())
+    assert "127.0.0.1:9500" in scrape["scrape_configs"][0]["static_configs"][0]["targets"]
