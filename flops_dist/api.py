@@ -29,7 +29,7 @@ from .config import Config, ConfigError
 from .coordinator import RemoteCoordinator
 from .data import ArrayDataset, DataError, load_dataset, table_to_arrays
 from .replica import Replica, ReplicaSpec
-from .runlog import read_log
+from .runlog import check_run_dir, read_log
 from .sharding import chunk_examples, plan_queries
 
 
@@ -175,6 +175,10 @@ def train(model: nn.Module, loss_fn, train_data, config: Config, test_data=None,
     if cfg.train.batch_size > len(train_set):
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} exceeds the {len(train_set)} training examples")
     preflight(model, loss_fn, train_set, cfg)
+    try:
+        check_run_dir(cfg.output.run_dir)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     start_ray(cfg)
     ship_by_value(model, loss_fn)
     refs = {"model": ray.put(model), "loss_fn": ray.put(loss_fn), "train": ray.put(train_set),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from .config import Config
 from .engine import Engine
 from .metrics import RunMetrics
 from .replica import ReplicaSpec
-from .runlog import (RunLogWriter, RunStateError, Snapshot, latest_snapshot, messages, read_log,
+from .runlog import (RunLogWriter, RunStateError, Snapshot, check_run_dir, latest_snapshot, messages, read_log,
                      save_snapshot, truncate_log, write_atomically)
 from .sharding import QueryChunks, assign_chunks, chunk_costs
 from .worker import RemoteWorker
@@ -159,6 +160,7 @@ class Coordinator:
                                 threads=cfg.cluster.threads_per_worker)
         self.gpus = gpus_per_worker(cfg)
         self.run_dir = Path(cfg.output.run_dir)
+        check_run_dir(self.run_dir)
         if not resume and ((self.run_dir / "updates").exists() or (self.run_dir / "snapshots").exists()):
             raise RuntimeError(f"output.run_dir: {self.run_dir} already holds a run; resume it with "
                                "`flops-dist train --resume RUN_DIR` or choose another run_dir")
@@ -273,7 +275,8 @@ class Coordinator:
     # -- the loop --------------------------------------------------------------------------------
     def info(self) -> dict:
         return {"workers": ray.get([w.info.remote() for w in self.executor.workers]), "d": self.engine.d,
-                "run_dir": str(self.run_dir), "metrics_url": self.metrics_url, "step": self.step}
+                "run_dir": str(self.run_dir), "metrics_url": self.metrics_url, "step": self.step,
+                "pid": os.getpid()}
 
     def worker_handles(self) -> list:
         """The live workers' actor handles, for operators (and tests) to inspect or stop."""

@@ -46,6 +46,23 @@ class RunStateError(RuntimeError):
     """The run directory holds no usable state to resume from."""
 
 
+WRITTEN = ("config.json", "model.safetensors", "run.png", "run_log", "updates", "snapshots")
+
+
+def check_run_dir(run_dir: str | Path) -> None:
+    """Refuse a run directory whose files would land outside it (a symlink pointing away, or a
+    file where the directory should be)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"output.run_dir: {run_dir} exists and is not a directory")
+    root = run_dir.resolve()
+    for name in WRITTEN:
+        target = (run_dir / name).resolve()
+        if target != root / name:
+            raise ValueError(f"output.run_dir: {run_dir / name} resolves to {target}, outside the run "
+                             "directory; refusing to write there")
+
+
 def write_atomically(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)

@@ -112,3 +112,19 @@ def test_a_model_that_fails_on_the_data_is_reported():
     wrong = type(wrong)(wrong.inputs[:, :7].copy(), wrong.labels)
     with pytest.raises(TrainingError, match="failed on a first batch"):
         preflight(build_mlp(), cross_entropy, wrong, cfg)
+
+
+def test_a_run_dir_that_writes_outside_itself_is_refused(tmp_path):
+    from flops_dist.api import train
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "snapshots").symlink_to(outside)
+    cfg = Config.from_dict({"output": {"run_dir": str(run_dir)}})
+    with pytest.raises(ConfigError, match="snapshots resolves to .*elsewhere, outside the run directory"):
+        train(build_mlp(), cross_entropy, blobs(), cfg)
+    (run_dir / "snapshots").unlink()
+    (run_dir / "model.safetensors").symlink_to("/etc/passwd")
+    with pytest.raises(ConfigError, match="outside the run directory"):
+        train(build_mlp(), cross_entropy, blobs(), cfg)

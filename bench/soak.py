@@ -1,0 +1,110 @@
+"""Soak: a long run of a tiny model with 2 workers, one killed every few hundred steps.
+
+    python bench/soak.py [--steps 2000 --kill-every 300]
+
+Kills alternate between ray.kill and SIGKILL of the worker's process. Prints the updates lost
+(steps missing from the update log, plus 1 if replaying the whole log onto the base weights does
+not give the final replicas' hash), replica-hash mismatches (the run compares replica hashes every
+50 steps and stops on any difference), restarts, and the coordinator's resident memory after
+warm-up and at the end.
+"""
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from models import blobs, build_mlp, cross_entropy  # noqa: E402
+
+from flops_dist.api import ship_by_value  # noqa: E402
+from flops_dist.config import Config  # noqa: E402
+from flops_dist.coordinator import RemoteCoordinator  # noqa: E402
+from flops_dist.engine import ReplicaDivergence  # noqa: E402
+from flops_dist.replica import Replica, ReplicaSpec  # noqa: E402
+from flops_dist.runlog import messages, read_log  # noqa: E402
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--kill-every", type=int, default=300)
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    torch.set_num_threads(1)
+    run_dir = Path(tempfile.mkdtemp(prefix="flops-soak-")) / "run"
+    cfg = Config()
+    cfg.train.steps, cfg.train.batch_size, cfg.train.queries_per_example = args.steps, 16, 4
+    cfg.train.chunk_size, cfg.train.sigma, cfg.train.learning_rate, cfg.train.hash_every = 8, 0.01, 0.05, 50
+    cfg.target.embedding_module = "1"
+    cfg.cluster.workers, cfg.cluster.gpus_per_worker = 2, "0"
+    cfg.output.run_dir, cfg.output.snapshot_every = str(run_dir), 100
+    cfg.metrics.port = 0
+    cfg.validate()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ship_by_value(build_mlp(), cross_entropy)
+    refs = {"model": ray.put(build_mlp()), "loss_fn": ray.put(cross_entropy), "train": ray.put(blobs()), "test": None}
+    coordinator = RemoteCoordinator.options(num_cpus=0).remote(cfg, refs, len(blobs()))
+    pid = ray.get(coordinator.info.remote())["pid"]
+    mismatches, kills, began = 0, 0, time.perf_counter()
+    rss_start = None
+    try:
+        while True:
+            chunk = ray.get(coordinator.run.remote(args.kill_every // 3 or 1))
+            if not chunk:
+                break
+            step = chunk[-1]["step"] + 1
+            if rss_start is None and step >= 100:
+                rss_start = rss_mib(pid)  # after warm-up: imports, first traces, first snapshot
+            if step < args.steps and step // args.kill_every > kills:
+                victim = ray.get(coordinator.info.remote())["workers"][-1]
+                if kills % 2:
+                    os.kill(victim["pid"], signal.SIGKILL)
+                else:
+                    ray.kill(ray.get(coordinator.worker_handles.remote())[-1], no_restart=True)
+                kills += 1
+            last = chunk[-1]
+        rss_end = rss_mib(pid)
+        ray.get(coordinator.finish.remote())
+        final_hash = ray.get(ray.get(coordinator.worker_handles.remote())[0].hash.remote())
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, ReplicaDivergence):
+            mismatches += 1
+        raise
+    finally:
+        ray.kill(coordinator)
+    seconds = time.perf_counter() - began
+    updates = read_log(run_dir, "updates")
+    missing = len(set(range(args.steps)) - set(updates.column("step").to_pylist()))
+    # replay the whole log onto the base weights in this process: it must land on the final hash
+    spec = ReplicaSpec(sigma=cfg.train.sigma, noise=cfg.train.noise, optimizer=cfg.train.optimizer_config(),
+                       embedding_module="1")
+    replica = Replica(build_mlp(), cross_entropy, blobs(), spec)
+    replayed = replica.restore(replica.snapshot_tensors(), 0, messages(updates, 0))
+    lost = missing + int(replayed != final_hash)
+    print(f"steps {args.steps} in {seconds:.0f} s, workers killed {kills}, restarts {last['worker_restarts']}, "
+          f"workers alive at the end {last['workers_alive']}")
+    print(f"updates lost: {lost}  (missing from the log {missing}; full-log replay matches final hash: "
+          f"{replayed == final_hash})")
+    print(f"replica-hash mismatches: {mismatches}  ({args.steps // cfg.train.hash_every} checks)")
+    print(f"coordinator RSS: {rss_start:.1f} MiB after 100 steps, {rss_end:.1f} MiB at the end "
+          f"(growth {100 * (rss_end / rss_start - 1):+.1f}%)")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
