@@ -24,7 +24,7 @@ from .metrics import RunMetrics
 from .replica import ReplicaSpec
 from .runlog import (RunLogWriter, RunStateError, Snapshot, check_run_dir, latest_snapshot, messages, read_log,
                      save_snapshot, truncate_log, write_atomically)
-from .sharding import QueryChunks, assign_chunks, chunk_costs
+from .sharding import QueryChunks, assign_chunks, chunk_costs, gather_rows
 from .worker import RemoteWorker
 
 log = logging.getLogger("flops_dist")
@@ -111,11 +111,7 @@ class RayExecutor:
                       lambda items: (rows[items], msg), store, called)
         if msg is not None:  # workers that got no rows still need the update
             self._send_update([w for w in self.workers if id(w) not in called], msg)
-        width = next(iter(embeddings.values())).shape[-1]
-        out = np.empty(rows.shape + (width,), np.float32)
-        for items, emb in embeddings.items():
-            out[list(items)] = emb
-        return losses, out
+        return losses, gather_rows(len(rows), embeddings)
 
     def evaluate(self, chunks: QueryChunks) -> np.ndarray:
         losses = np.empty(chunks.examples.shape, np.float32)
@@ -177,7 +173,7 @@ class Coordinator:
                         count, cfg.cluster.workers)
         workers = [self._new_worker() for _ in range(count)]
         self.worker_info = ray.get([w.info.remote() for w in workers])
-        self.executor = RayExecutor(workers)
+        self.executor = RayExecutor(workers, float(np.median([w["noise_cost"] for w in self.worker_info])))
         self.engine = Engine(t, self.executor, n_examples, self.worker_info[0]["d"])
         self.writer = RunLogWriter(self.run_dir)
         self.restarts = 0

@@ -17,7 +17,7 @@ import numpy as np
 from .allocators import BatchFeatures, make_allocator, variance_objective
 from .config import TrainConfig
 from .estimators import QueryLosses, estimate
-from .sharding import QueryChunks, assign_chunks, chunk_costs, chunk_examples, plan_queries
+from .sharding import QueryChunks, assign_chunks, chunk_examples, gather_rows, plan_queries
 from .update import UpdateMessage
 
 
@@ -48,11 +48,7 @@ class LocalExecutor:
         for replica, idx in zip(self.replicas, self._deal(len(rows))):
             if len(idx):
                 losses[idx], parts[tuple(idx)] = replica.clean_forward(rows[idx])
-        width = next(iter(parts.values())).shape[-1]
-        embeddings = np.empty(rows.shape + (width,), np.float32)
-        for idx, emb in parts.items():
-            embeddings[list(idx)] = emb
-        return losses, embeddings
+        return losses, gather_rows(len(rows), parts)
 
     def evaluate(self, chunks: QueryChunks) -> np.ndarray:
         losses = np.empty(chunks.examples.shape, np.float32)

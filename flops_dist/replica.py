@@ -6,6 +6,7 @@ forward receives θ (or θ + σu) through functional_call.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,6 +55,19 @@ class Replica:
     @property
     def d(self) -> int:
         return self.target.numel
+
+    def noise_cost(self, rows: int = 16) -> float:
+        """Noise generation for one seed, in forward-equivalents of one example: the sharding cost
+        model's weight. Timing only steers the assignment, never the bits."""
+        from .noise import noise_batch
+        x, y = self.inputs[:rows], self.labels[:rows]
+        self.forward.clean(self.theta, x, y)  # warm-up
+        began = time.perf_counter()
+        self.forward.clean(self.theta, x, y)
+        forward = (time.perf_counter() - began) / len(y)
+        began = time.perf_counter()
+        noise_batch(np.arange(rows), self.d, self.spec.noise, device=self.device)
+        return (time.perf_counter() - began) / rows / max(forward, 1e-9)
 
     def clean_forward(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Losses [n, C] and embeddings [n, C, m] at θ for chunks of example indices."""

@@ -108,3 +108,12 @@ def assign_chunks(costs: np.ndarray, speeds: np.ndarray) -> list[np.ndarray]:
         owner[c] = w
         finish[w] += costs[c] / speeds[w]
     return [np.nonzero(owner == w)[0] for w in range(len(speeds))]
+
+
+def gather_rows(n_rows: int, parts: dict[tuple, np.ndarray]) -> np.ndarray:
+    """Per-worker results, keyed by the row indices each worker was dealt, back in row order."""
+    first = next(iter(parts.values()))
+    out = np.empty((n_rows,) + first.shape[1:], first.dtype)
+    for rows, values in parts.items():
+        out[list(rows)] = values
+    return out

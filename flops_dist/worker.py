@@ -17,7 +17,7 @@ class Worker:
     def info(self) -> dict:
         return {"d": self.replica.d, "device": str(self.replica.device), "host": socket.gethostname(),
                 "pid": os.getpid(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-                "updates_applied": self.replica.updates_applied}
+                "updates_applied": self.replica.updates_applied, "noise_cost": self.replica.noise_cost()}
 
     def clean_forward(self, rows, msg=None):
         """Apply the previous step's update, if given, then the clean forward: one call, not two."""
