@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

@@ -1,5 +1,4 @@
 """The local reference step: determinism across replica counts, NaN safety, and learning."""
-import copy
 
 import numpy as np
 import pytest

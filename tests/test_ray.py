@@ -1,5 +1,4 @@
 """The distributed path on a real local Ray: it must match the local reference step bit for bit."""
-import copy
 
 import numpy as np
 import os
