@@ -24,6 +24,7 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from torch import nn
 
+from .blackbox import FrozenModelLoss
 from .config import Config, ConfigError
 from .coordinator import RemoteCoordinator
 from .data import ArrayDataset, DataError, load_dataset, table_to_arrays
@@ -115,6 +116,11 @@ def preflight(model: nn.Module, loss_fn, dataset: ArrayDataset, cfg: Config) -> 
     import copy
     t = cfg.train
     sample = ArrayDataset(dataset.inputs[:t.chunk_size], dataset.labels[:t.chunk_size])
+    if isinstance(loss_fn, FrozenModelLoss):
+        try:
+            loss_fn.ensure_loaded(torch.device("cpu"))
+        except Exception as e:
+            raise TrainingError(f"model.loss: the frozen model failed to load: {type(e).__name__}: {e}") from None
     try:
         spec = ReplicaSpec(include=cfg.target.include, embedding_module=cfg.target.embedding_module,
                            sigma=t.sigma, noise=t.noise, optimizer=t.optimizer_config(),
@@ -124,11 +130,14 @@ def preflight(model: nn.Module, loss_fn, dataset: ArrayDataset, cfg: Config) -> 
         raise ConfigError(f"target: {e}") from None
     try:
         with torch.no_grad():
-            losses = loss_fn(replica.forward.call(replica.theta, replica.inputs), replica.labels)
+            losses, _ = replica.forward.losses(replica.forward.call(replica.theta, replica.inputs),
+                                               replica.inputs, replica.labels)
         if not torch.is_tensor(losses) or losses.shape != (len(sample),):
             shape = list(losses.shape) if torch.is_tensor(losses) else type(losses).__name__
             raise TrainingError(f"the loss function must return one loss per example (shape [{len(sample)}]), "
                                 f"got {shape}; check its reduction")
+        if replica.forward.black_box and cfg.data.metric == "accuracy":
+            replica.forward.loss_fn.scores(replica.forward.call(replica.theta, replica.inputs), replica.inputs)
         rows, _ = chunk_examples(np.arange(len(sample)), t.chunk_size)
         replica.clean_forward(rows)
         plan = plan_queries(np.zeros(len(sample), np.int64), np.ones(len(sample), np.int64), 1, t.unit,

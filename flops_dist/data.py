@@ -15,7 +15,7 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class ArrayDataset:
-    inputs: np.ndarray  # float32 [N, *input_shape]
+    inputs: np.ndarray  # float32 [N, *input_shape], or int64 for integer columns (token ids)
     labels: np.ndarray  # int64 or float32 [N]
 
     def __len__(self) -> int:
@@ -52,7 +52,9 @@ def table_to_arrays(table: pa.Table, input_column: str, label_column: str,
         raise DataError(f"{source}: column {input_column!r} has rows of different lengths "
                         f"({lengths.min()} to {lengths.max()})")
     width = int(lengths[0]) if len(lengths) else 0
-    flat = inputs_col.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    # integer inputs (token ids) stay integers; everything else is float32
+    in_dtype = np.int64 if pa.types.is_integer(itype.value_type) else np.float32
+    flat = inputs_col.flatten().to_numpy(zero_copy_only=False).astype(in_dtype)
     shape = tuple(input_shape) or (width,)
     if int(np.prod(shape)) != width:
         raise DataError(f"{source}: column {input_column!r} holds {width} values per row, which does not "

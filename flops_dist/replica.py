@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .blackbox import FrozenModelLoss
 from .data import ArrayDataset
 from .sharding import QueryChunks
 from .targets import PerturbedForward, Target
@@ -43,6 +44,8 @@ class Replica:
         self.spec = spec
         self.device = pick_device(spec.device)
         self.model = model.to(self.device).eval()
+        if isinstance(loss_fn, FrozenModelLoss):
+            loss_fn.ensure_loaded(self.device)  # the frozen model, once per replica
         self.target = Target.select(self.model, spec.include)
         self.theta = self.target.flatten(self.model).to(self.device)
         self.opt_state = init_optimizer_state(spec.optimizer, self.target.numel, self.device)
@@ -141,7 +144,9 @@ class Replica:
             x, y = inputs[start:start + chunk], labels[start:start + chunk]
             outputs = self.forward.call(self.theta, x)
             if metric == "accuracy":
+                if self.forward.black_box:
+                    outputs = self.forward.loss_fn.scores(outputs, x)
                 total += float((outputs.argmax(-1) == y).sum())
             else:
-                total += float(self.forward.loss_fn(outputs, y).sum())
+                total += float(self.forward.losses(outputs, x, y)[0].sum())
         return total / max(len(labels), 1)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from .blackbox import FrozenModelLoss
 from .noise import noise, noise_batch
 
 
@@ -61,7 +62,10 @@ class Target:
 
 class PerturbedForward:
     """Losses of a model at θ, at one perturbation θ + σ·sign·u(seed) over a batch (shared noise),
-    or at one perturbation per example (independent noise, vmapped)."""
+    or at one perturbation per example (independent noise, vmapped).
+
+    With a `FrozenModelLoss` the model is a black-box target: only the target runs under vmap, and
+    the frozen model gets the chunk's (example, target output) pairs as one plain batch."""
 
     def __init__(self, model: nn.Module, target: Target, loss_fn, sigma: float, noise_kind: str,
                  device: torch.device, embedding_module: str | None = None):
@@ -70,6 +74,7 @@ class PerturbedForward:
         # non-target parameters and buffers are passed as they are, never copied per query
         self.frozen = {n: p.detach() for n, p in model.named_parameters() if n not in target.names}
         self.frozen.update(dict(model.named_buffers()))
+        self.black_box = isinstance(loss_fn, FrozenModelLoss)
         self.embedding_module = embedding_module
         if embedding_module is not None and embedding_module not in dict(model.named_modules()):
             raise ValueError(f"embedding module {embedding_module!r} is not a submodule of the model")
@@ -77,10 +82,22 @@ class PerturbedForward:
     def call(self, flat_theta, inputs):
         return functional_call(self.model, {**self.frozen, **self.target.unflatten(flat_theta)}, (inputs,))
 
+    def losses(self, outputs, inputs, labels) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-example losses of model outputs, and the black box's embeddings where it gives them."""
+        if not self.black_box:
+            return self.loss_fn(outputs, labels), None
+        result = self.loss_fn(outputs, inputs, labels)
+        return result if isinstance(result, tuple) else (result, None)
+
     @torch.no_grad()
     def clean(self, theta, inputs, labels) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-example losses at θ and embeddings (the embedding module's output, token-averaged,
-        or the model's output when none is named)."""
+        """Per-example losses at θ and embeddings (the black box's embeddings, the embedding
+        module's output, token-averaged, or the model's output when none is named)."""
+        if self.black_box:
+            outputs = self.call(theta, inputs)
+            losses, emb = self.losses(outputs, inputs, labels)
+            emb = outputs.reshape(len(labels), -1) if emb is None else emb
+            return losses.float(), emb.float()
         captured = []
         handle = None
         if self.embedding_module is not None:
@@ -98,13 +115,16 @@ class PerturbedForward:
     @torch.no_grad()
     def shared(self, theta, seed: int, sign: int, inputs, labels) -> torch.Tensor:
         u = noise(seed, self.target.numel, self.noise_kind, device=self.device)
-        return self.loss_fn(self.call(theta + (sign * self.sigma) * u, inputs), labels).float()
+        return self.losses(self.call(theta + (sign * self.sigma) * u, inputs), inputs, labels)[0].float()
 
     @torch.no_grad()
     def independent(self, theta, seeds, signs, inputs, labels) -> torch.Tensor:
         u = noise_batch(seeds, self.target.numel, self.noise_kind, device=self.device)
         signs = torch.tensor(signs, dtype=torch.float32, device=self.device).reshape(-1, 1)
         thetas = theta + (self.sigma * signs) * u
+        if self.black_box:
+            outputs = vmap(lambda flat, x: self.call(flat, x.unsqueeze(0))[0])(thetas, inputs)
+            return self.losses(outputs, inputs, labels)[0].float()
 
         def one(flat, x, y):
             return self.loss_fn(self.call(flat, x.unsqueeze(0)), y.unsqueeze(0))[0]

@@ -3,6 +3,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flops_dist.blackbox import FrozenModelLoss, Projection
 from flops_dist.data import ArrayDataset
 
 
@@ -28,3 +29,85 @@ def blobs(n=240, seed=0) -> ArrayDataset:
     centres = rng.normal(size=(3, 10)) * 2
     inputs = centres[labels] + rng.normal(size=(n, 10))
     return ArrayDataset(inputs.astype(np.float32), labels.astype(np.int64))
+
+
+# --- a black-box target: a projection into the input of a frozen network the trainer never sees into
+
+FROZEN_SEED, PROMPT_DIM = 7, 6
+
+
+def frozen_network() -> nn.Module:
+    """The frozen model: a fixed random 2-layer net from PROMPT_DIM features to 3 classes."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(FROZEN_SEED)
+        net = nn.Sequential(nn.Linear(PROMPT_DIM, 16), nn.Tanh(), nn.Linear(16, 3))
+    return net.requires_grad_(False).eval()
+
+
+class FrozenNetLoss(FrozenModelLoss):
+    """Cross-entropy through the frozen net, in this process. It refuses to run with autograd on,
+    so a test fails if anything ever tries to differentiate through it."""
+    loads = 0
+
+    def load(self, device):
+        FrozenNetLoss.loads += 1
+        return frozen_network().to(device)
+
+    def __call__(self, outputs, inputs, labels):
+        assert not torch.is_grad_enabled(), "the frozen model must never be differentiated"
+        return nn.functional.cross_entropy(self.frozen(outputs), labels, reduction="none")
+
+    def scores(self, outputs, inputs):
+        return self.frozen(outputs)
+
+
+def send(stream, array: np.ndarray) -> None:
+    """A float32 matrix over a pipe: its two dimensions, then its bytes."""
+    array = np.ascontiguousarray(array, np.float32)
+    stream.write(np.array(array.shape, np.int64).tobytes() + array.tobytes())
+    stream.flush()
+
+
+def receive(stream) -> np.ndarray | None:
+    header = stream.read(16)
+    if len(header) < 16:
+        return None  # the other side has gone
+    rows, cols = np.frombuffer(header, np.int64)
+    return np.frombuffer(stream.read(int(rows * cols) * 4), np.float32).reshape(rows, cols).copy()
+
+
+SUBPROCESS_SERVER = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from models import frozen_network, receive, send
+torch.set_num_threads(1)
+net = frozen_network()
+while (x := receive(sys.stdin.buffer)) is not None:
+    with torch.no_grad():
+        send(sys.stdout.buffer, net(torch.from_numpy(x)).numpy())
+"""
+
+
+class SubprocessNetLoss(FrozenModelLoss):
+    """The same frozen net behind a pipe to another process: a black box flops_dist can only call."""
+
+    def load(self, device):
+        import subprocess
+        import sys
+        from pathlib import Path
+        return subprocess.Popen([sys.executable, "-c", SUBPROCESS_SERVER, str(Path(__file__).parent)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def _logits(self, outputs):
+        send(self.frozen.stdin, outputs.cpu().numpy())
+        return torch.from_numpy(receive(self.frozen.stdout))
+
+    def __call__(self, outputs, inputs, labels):
+        return nn.functional.cross_entropy(self._logits(outputs), labels, reduction="none")
+
+    def scores(self, outputs, inputs):
+        return self._logits(outputs)
+
+
+def build_projection() -> nn.Module:
+    return Projection(10, PROMPT_DIM, seed=1)

@@ -17,7 +17,7 @@ from flops_dist.engine import Engine, LocalExecutor
 from flops_dist.replica import Replica, ReplicaSpec
 from flops_dist.runlog import read_log
 from flops_dist.targets import Target
-from models import blobs, build_mlp, cross_entropy
+from models import FrozenNetLoss, blobs, build_mlp, build_projection, cross_entropy
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,6 +70,20 @@ def test_one_and_two_workers_give_bit_identical_models(tmp_path):
     two = train(build_mlp(), cross_entropy, blobs(), make_config(tmp_path, workers=2), progress=lambda l: None)
     for name, value in one.model.state_dict().items():
         assert torch.equal(value, two.model.state_dict()[name]), name
+
+
+def test_a_black_box_target_on_two_workers_matches_the_local_reference(tmp_path):
+    # each worker loads the frozen net itself; only the target's θ and the seeds travel
+    cfg = make_config(tmp_path, steps=8)
+    cfg.target.embedding_module = ""
+    result = train(build_projection(), FrozenNetLoss(), blobs(), cfg, test_data=blobs(), progress=lambda line: None)
+    spec = ReplicaSpec(sigma=cfg.train.sigma, noise=cfg.train.noise, optimizer=cfg.train.optimizer_config())
+    replica = Replica(build_projection(), FrozenNetLoss(), blobs(), spec)
+    engine = Engine(cfg.train, LocalExecutor([replica]), len(blobs()), replica.d)
+    for t in range(cfg.train.steps):
+        engine.step(t)
+    assert torch.equal(trained_theta(result.model), replica.theta)
+    assert result.metric_after > result.metric_before  # accuracy through the black box's scores()
 
 
 def test_run_log_update_log_and_model_files(tmp_path):
