@@ -19,3 +19,31 @@ def digits_dir(tmp_path_factory):
     script = Path(__file__).resolve().parents[1] / "examples" / "digits" / "prepare.py"
     subprocess.run([sys.executable, str(script), str(out)], check=True, capture_output=True)
     return out
+
+
+EXAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples"
+
+
+def _prepare(tmp_path_factory, example: str, *args: str):
+    """A copy of an example with its data prepared, as a user would lay it out."""
+    import shutil
+    import subprocess
+    import sys
+    job = tmp_path_factory.mktemp(example) / "job"
+    shutil.copytree(EXAMPLES / example, job, ignore=shutil.ignore_patterns("data"))
+    out = subprocess.run([sys.executable, str(job / "prepare.py"), str(job / "data"), *args],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return job
+
+
+@pytest.fixture(scope="session")
+def tweets(tmp_path_factory):
+    """The prompt-tuning example with a small tokenized subset (32 train, 16 test tweets)."""
+    return _prepare(tmp_path_factory, "sentiment_prompt", "--train", "32", "--test", "16")
+
+
+@pytest.fixture(scope="session")
+def alignment(tmp_path_factory):
+    """The alignment example with its frozen image encoder's features."""
+    return _prepare(tmp_path_factory, "digits_alignment", "--no-reference")

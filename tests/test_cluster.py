@@ -56,16 +56,35 @@ def test_ray_job_submit_runs_the_example_on_a_started_head(ray_head, tmp_path, d
                    "--set", "train.steps=20", "--set", "cluster.address=auto", "--set", "metrics.port=-1",
                    "--set", "output.log_every=10", "--set", f"output.run_dir='{run_dir}'")
     assert sent.returncode == 0, sent.stdout + sent.stderr
-    deadline, status = time.monotonic() + 400, ""
-    while time.monotonic() < deadline:
-        status = ray_job("status", "--address", ray_head, submission).stdout
-        if re.search(r"succeeded|failed|stopped", status, re.IGNORECASE):
-            break
-        time.sleep(3)
-    logs = ray_job("logs", "--address", ray_head, submission).stdout
+    status, logs = wait_for(ray_head, submission)
     assert "succeeded" in status.lower(), status + logs[-3000:]
     assert "test accuracy after:" in logs and "step    20/20" in logs
     assert read_log(run_dir, "run_log").column("step").to_pylist() == list(range(20))
+
+
+def test_ray_job_submit_runs_the_alignment_example(ray_head, tmp_path, alignment):
+    # the black-box case: every worker loads the frozen MiniLM itself, on the cluster
+    run_dir = tmp_path / "run"
+    submission = f"flops-dist-align-{os.getpid()}"
+    sent = ray_job("submit", "--address", ray_head, "--submission-id", submission, "--working-dir", str(alignment),
+                   "--no-wait", "--", sys.executable, "-m", "flops_dist.cli", "train", "alignment.toml",
+                   "--set", "train.steps=20", "--set", "cluster.address=auto", "--set", "metrics.port=-1",
+                   "--set", "output.log_every=10", "--set", f"output.run_dir='{run_dir}'")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    status, logs = wait_for(ray_head, submission)
+    assert "succeeded" in status.lower(), status + logs[-3000:]
+    assert "2 workers" in logs and "test accuracy after:" in logs
+    assert read_log(run_dir, "run_log").num_rows == 20
+
+
+def wait_for(address: str, submission: str, seconds: float = 400) -> tuple[str, str]:
+    deadline, status = time.monotonic() + seconds, ""
+    while time.monotonic() < deadline:
+        status = ray_job("status", "--address", address, submission).stdout
+        if re.search(r"succeeded|failed|stopped", status, re.IGNORECASE):
+            break
+        time.sleep(3)
+    return status, ray_job("logs", "--address", address, submission).stdout
 
 
 def exported_metric_names() -> set[str]:

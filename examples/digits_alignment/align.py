@@ -6,7 +6,6 @@ in prepare.py, then frozen; its FEATURES-dimensional codes are the dataset's inp
 the text "a handwritten digit <name>", embedded once by MiniLM on every worker. The target is the
 projection W (384 × FEATURES); an image is retrieved to the label text of highest cosine.
 """
-import torch
 from torch import nn
 
 from flops_dist.blackbox import Projection

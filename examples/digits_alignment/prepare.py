@@ -1,6 +1,6 @@
 """Build the alignment example's data: digits through a frozen image encoder pretrained here.
 
-    python examples/digits_alignment/prepare.py OUT_DIR
+    python examples/digits_alignment/prepare.py OUT_DIR [--no-reference]
 
 1. Splits scikit-learn's digits as the digits example does (1,197 train / 600 test, seed 0).
 2. Pretrains an autoencoder by backprop on the training pixels only (no labels), then freezes it.
@@ -8,7 +8,8 @@
    align_train.parquet / align_test.parquet (`features`: FEATURES floats, `label`: the digit), and
    the encoder as image_encoder.safetensors.
 4. As a reference, trains the same projection by backprop with the same contrastive loss and prints
-   its held-out retrieval accuracy: what forward-only training can at best approach.
+   its held-out retrieval accuracy: what forward-only training can at best approach (skipped with
+   --no-reference).
 """
 import os
 import sys
@@ -70,7 +71,7 @@ def write(path, features, labels):
     pq.write_table(pa.table({"features": col, "label": pa.array(labels, pa.int64())}), path)
 
 
-def main(out_dir):
+def main(out_dir, reference=True):
     torch.set_num_threads(1)
     os.makedirs(out_dir, exist_ok=True)
     (xtr, ytr), (xte, yte) = split()
@@ -87,11 +88,14 @@ def main(out_dir):
     write(os.path.join(out_dir, "align_test.parquet"), fte, yte)
     print(f"image encoder pretrained by backprop (autoencoder, {FEATURES}-d code) in "
           f"{time.perf_counter() - began:.1f}s; reconstruction MSE {err:.4f}")
+    if not reference:
+        return
     ref = backprop_reference(torch.from_numpy(ftr), torch.from_numpy(ytr), torch.from_numpy(fte), torch.from_numpy(yte))
     print(f"reference: the projection trained by backprop retrieves {ref:.3f} of the held-out images")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    args = sys.argv[1:]
+    if len(args) not in (1, 2) or args[1:] not in ([], ["--no-reference"]):
         sys.exit(__doc__)
-    main(sys.argv[1])
+    main(args[0], reference=args[1:] != ["--no-reference"])

@@ -1,0 +1,192 @@
+"""The black-box applications side by side: allocators × estimators at an equal query budget.
+
+    python bench/blackbox_apps.py [--apps alignment,prompt] [--seeds 3] [--alignment-steps 300]
+                                  [--prompt-steps 80]
+
+Applications (their examples' configs, with a smaller budget so that the allocators have work):
+- alignment: examples/digits_alignment; W (384 × 16) learned forward-only; metric: retrieval
+  accuracy on the 600 held-out digits. B = 32, A₀ = 4.
+- prompt: examples/sentiment_prompt, the 32-d prompt code; metric: accuracy on 200 of the
+  held-out balanced tweets. B = 8, A₀ = 4 (every query is a MiniLM forward, the costly case).
+Every configuration spends exactly N = B·A₀ perturbed queries a step (neyman's pilot included; the
+clean forward at θ, which lr uses as its baseline and every allocator uses for its features, is
+the same for all and not counted). Allocators: uniform, bernoulli, neyman, flops; estimators: lr
+(clean-loss baseline) and antithetic (±σu pairs; A_min = one pair).
+
+Runs use the reference engine in this process (Engine + LocalExecutor + one Replica with the real
+frozen MiniLM), which the tests prove bit-identical to the Ray path. Seeds change the batches, the
+query seeds and the allocators' draws; the data, the frozen models and the initial target are fixed.
+
+Reports, per application: the final metric, mean ± std over seeds; the queries needed to reach a
+target metric, read off the seed-mean curve (evaluated every 2 steps for alignment, 10 for prompt), as a ratio against uniform
+with the lr estimator. The target is fixed by a rule set before any run: 90% of the way from the
+starting accuracy to uniform/lr's final seed-mean accuracy (so uniform/lr always reaches it, and
+reaching it is not decided by the last evaluation's noise). Per-seed ratios are also printed. Saves bench/out/blackbox_apps.txt, blackbox_apps_curves.png
+(metric against queries spent) and blackbox_apps_allocations.png (allocation histograms).
+"""
+import argparse
+import copy
+import subprocess
+import sys
+import time
+import tomllib
+
+import numpy as np
+import torch
+
+from common import OUT, ROOT
+from flops_dist.api import build_model, load_callable
+from flops_dist.config import Config
+from flops_dist.data import ArrayDataset, load_dataset
+from flops_dist.engine import Engine, LocalExecutor
+from flops_dist.replica import Replica, ReplicaSpec
+
+APPS = {
+    "alignment": dict(example="digits_alignment", toml="alignment.toml", data_file="align_train.parquet",
+                      train=dict(batch_size=32, queries_per_example=4, min_queries=2, chunk_size=64),
+                      steps=300, eval_every=2, test_size=600),
+    "prompt": dict(example="sentiment_prompt", toml="prompt_code.toml", data_file="tweets_train.parquet",
+                   train=dict(batch_size=8, queries_per_example=4, min_queries=2, chunk_size=16),
+                   steps=80, eval_every=10, test_size=200),
+}
+ALLOCATORS = ("uniform", "bernoulli", "neyman", "flops")
+ESTIMATORS = ("lr", "antithetic")
+
+
+def prepared(app: dict):
+    """The example's data under bench/out (made once), and its config with the bench budget."""
+    example = ROOT / "examples" / app["example"]
+    data = OUT / app["example"]
+    if not (data / app["data_file"]).exists():
+        subprocess.run([sys.executable, str(example / "prepare.py"), str(data)], check=True)
+    raw = tomllib.loads((example / app["toml"]).read_text())
+    for split in ("train", "test"):
+        raw["data"][split] = str(data / (raw["data"][split].split("/")[-1]))
+    raw["train"].update(app["train"], hash_every=0)
+    return Config.from_dict(raw, example)
+
+
+class Application:
+    def __init__(self, name: str):
+        self.name, self.app = name, APPS[name]
+        self.cfg = prepared(self.app)
+        d = self.cfg.data
+        self.loss_fn = load_callable(self.cfg.model.loss, "model.loss")
+        self.loss_fn.ensure_loaded(torch.device("cpu"))  # one frozen model for every run here
+        self.train = load_dataset(d.train, d.input_column, d.label_column)
+        test = load_dataset(d.test, d.input_column, d.label_column)
+        n = self.app["test_size"]
+        self.test = ArrayDataset(test.inputs[:n], test.labels[:n])
+
+    def run(self, allocator: str, estimator: str, seed: int, steps: int) -> dict:
+        cfg = copy.deepcopy(self.cfg)
+        cfg.train.allocator, cfg.train.estimator, cfg.train.seed = allocator, estimator, seed
+        t = cfg.validate().train
+        spec = ReplicaSpec(include=cfg.target.include, sigma=t.sigma, noise=t.noise,
+                           optimizer=t.optimizer_config(), threads=1, device="cpu")
+        replica = Replica(build_model(cfg), self.loss_fn, self.train, spec)
+        engine = Engine(t, LocalExecutor([replica]), len(self.train), replica.d)
+        spent, queries, metric, allocations = 0, [0], [replica.score(self.test, "accuracy")], []
+        for step in range(steps):
+            out = engine.step(step)
+            spent += out.record["queries"]
+            allocations.append(out.allocation * t.unit)  # in queries, for both estimators
+            if (step + 1) % self.app["eval_every"] == 0 or step + 1 == steps:
+                queries.append(spent)
+                metric.append(replica.score(self.test, "accuracy"))
+        return dict(queries=np.array(queries), metric=np.array(metric), allocations=np.concatenate(allocations))
+
+
+def queries_to(curve_q: np.ndarray, curve_m: np.ndarray, target: float) -> float:
+    """Queries at the first evaluation whose metric reaches the target (inf if none does)."""
+    hit = np.flatnonzero(curve_m >= target)
+    return float(curve_q[hit[0]]) if len(hit) else float("inf")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--apps", default="alignment,prompt")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--alignment-steps", type=int, default=APPS["alignment"]["steps"])
+    parser.add_argument("--prompt-steps", type=int, default=APPS["prompt"]["steps"])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    OUT.mkdir(parents=True, exist_ok=True)
+    lines, results = [], {}
+    for name in args.apps.split(","):
+        app = Application(name)
+        steps = getattr(args, f"{name}_steps")
+        t = app.cfg.train
+        d = sum(p.numel() for p in build_model(app.cfg).parameters())
+        head = (f"== {name}: d = {d}"
+                f", B = {t.batch_size}, A₀ = {t.queries_per_example} (N = {t.batch_size * t.queries_per_example} "
+                f"queries/step), {steps} steps, σ = {t.sigma}, lr = {t.learning_rate}, {args.seeds} seeds")
+        print(head, flush=True)
+        lines.append(head)
+        results[name] = {}
+        for estimator in ESTIMATORS:
+            for allocator in ALLOCATORS:
+                began = time.perf_counter()
+                runs = [app.run(allocator, estimator, seed, steps) for seed in range(args.seeds)]
+                results[name][(allocator, estimator)] = runs
+                print(f"   {allocator}/{estimator}: {time.perf_counter() - began:.0f}s", flush=True)
+        base = np.mean([r["metric"] for r in results[name][("uniform", "lr")]], 0)
+        APPS[name]["target"] = round(float(base[0] + 0.9 * (base[-1] - base[0])), 4)
+        lines += report(name, results[name], APPS[name]["target"])
+        print("\n".join(lines[-12:]), flush=True)
+    (OUT / "blackbox_apps.txt").write_text("\n".join(lines) + "\n")
+    plot(results)
+    print(f"wrote {OUT / 'blackbox_apps.txt'}, blackbox_apps_curves.png, blackbox_apps_allocations.png")
+
+
+def report(name: str, runs: dict, target: float) -> list[str]:
+    base = runs[("uniform", "lr")]
+    base_q = queries_to(base[0]["queries"], np.mean([r["metric"] for r in base], 0), target)
+    out = [f"{'allocator/estimator':<22} {'start':>6} {'final (mean ± std)':>20} {'queries to ' + str(target):>16} "
+           f"{'÷ uniform/lr':>13} {'per-seed ÷':>18}"]
+    per_seed_base = [queries_to(r["queries"], r["metric"], target) for r in base]
+    for (allocator, estimator), rs in runs.items():
+        finals = np.array([r["metric"][-1] for r in rs])
+        q = queries_to(rs[0]["queries"], np.mean([r["metric"] for r in rs], 0), target)
+        per_seed = [queries_to(r["queries"], r["metric"], target) / b for r, b in zip(rs, per_seed_base)]
+        ratio = q / base_q if np.isfinite(q) and np.isfinite(base_q) else float("nan")
+        out.append(f"{allocator + '/' + estimator:<22} {rs[0]['metric'][0]:6.3f} "
+                   f"{finals.mean():12.3f} ± {finals.std(ddof=1):.3f} "
+                   f"{q if np.isfinite(q) else float('inf'):16,.0f} {ratio:13.2f} "
+                   f"{' '.join(f'{p:.2f}' for p in per_seed):>18}")
+    return out
+
+
+def plot(results: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.5), squeeze=False)
+    for ax, (name, runs) in zip(axes[0], results.items()):
+        for (allocator, estimator), rs in runs.items():
+            m = np.array([r["metric"] for r in rs])
+            style = "-" if estimator == "lr" else "--"
+            line, = ax.plot(rs[0]["queries"], m.mean(0), style, label=f"{allocator}/{estimator}")
+            ax.fill_between(rs[0]["queries"], m.min(0), m.max(0), color=line.get_color(), alpha=0.08)
+        ax.axhline(APPS[name]["target"], color="grey", lw=0.8, ls=":")
+        ax.set(title=f"{name}: held-out accuracy (mean of seeds, band = min..max)", xlabel="queries spent",
+               ylabel="accuracy")
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(OUT / "blackbox_apps_curves.png", dpi=120)
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4), squeeze=False)
+    for ax, (name, runs) in zip(axes[0], results.items()):
+        top = max(int(runs[(a, "lr")][0]["allocations"].max()) for a in ALLOCATORS)
+        bins = np.arange(0, top + 2) - 0.5
+        for allocator in ALLOCATORS:
+            ax.hist(runs[(allocator, "lr")][0]["allocations"], bins=bins, histtype="step", lw=1.5,
+                    label=allocator, density=True)
+        ax.set(title=f"{name}: queries per example (lr, seed 0, all steps)", xlabel="queries", ylabel="share")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(OUT / "blackbox_apps_allocations.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
