@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from flops_dist.api import TrainingError, as_dataset, preflight
+from flops_dist.blackbox import FrozenModelLoss
 from flops_dist.config import Config, ConfigError
 from flops_dist.data import DataError, load_dataset
-from models import blobs, build_mlp, cross_entropy
+from models import FrozenNetLoss, blobs, build_mlp, build_projection, cross_entropy
 
 
 @pytest.mark.parametrize("raw,message", [
@@ -128,3 +129,36 @@ def test_a_run_dir_that_writes_outside_itself_is_refused(tmp_path):
     (run_dir / "model.safetensors").symlink_to("/etc/passwd")
     with pytest.raises(ConfigError, match="outside the run directory"):
         train(build_mlp(), cross_entropy, blobs(), cfg)
+
+
+class UnreachableModelLoss(FrozenModelLoss):
+    """A frozen model behind a service that is not there."""
+
+    def load(self, device):
+        raise ConnectionError("no frozen model at http://127.0.0.1:9/")
+
+    def __call__(self, outputs, inputs, labels):
+        return outputs.sum(-1)
+
+
+class NoScoresLoss(FrozenNetLoss):
+    scores = FrozenModelLoss.scores  # the base class: no class scores
+
+
+def test_a_frozen_model_that_cannot_load_is_one_clear_error():
+    cfg = Config().validate()
+    with pytest.raises(TrainingError, match="model.loss: the frozen model failed to load: ConnectionError: no frozen"):
+        preflight(build_projection(), UnreachableModelLoss(), blobs(), cfg)
+
+
+def test_accuracy_needs_a_black_box_with_scores():
+    with pytest.raises(TrainingError, match="defines no scores.*data.metric must be 'loss'"):
+        preflight(build_projection(), NoScoresLoss(), blobs(), Config().validate())
+    preflight(build_projection(), NoScoresLoss(), blobs(), Config.from_dict({"data": {"metric": "loss"}}))
+
+
+def test_integer_inputs_stay_integers(tmp_path):
+    table = pa.table({"tokens": pa.FixedSizeListArray.from_arrays(pa.array([101, 2023, 102, 0] * 2, pa.int32()), 4),
+                      "label": [0, 1]})
+    loaded = load_dataset(write(tmp_path, table), "tokens", "label")
+    assert loaded.inputs.dtype == np.int64 and loaded.inputs[0].tolist() == [101, 2023, 102, 0]
