@@ -18,11 +18,12 @@ frozen MiniLM), which the tests prove bit-identical to the Ray path. Seeds chang
 query seeds and the allocators' draws; the data, the frozen models and the initial target are fixed.
 
 Reports, per application: the final metric, mean ± std over seeds; the queries needed to reach a
-target metric, read off the seed-mean curve (evaluated every 2 steps for alignment, 10 for prompt), as a ratio against uniform
-with the lr estimator. The target is fixed by a rule set before any run: 90% of the way from the
-starting accuracy to uniform/lr's final seed-mean accuracy (so uniform/lr always reaches it, and
-reaching it is not decided by the last evaluation's noise). Per-seed ratios are also printed. Saves bench/out/blackbox_apps.txt, blackbox_apps_curves.png
-(metric against queries spent) and blackbox_apps_allocations.png (allocation histograms).
+target metric, read off the seed-mean curve (evaluated every 2 steps for alignment, every 10 for
+prompt), as a ratio against uniform with the lr estimator. The target is fixed by a rule set
+before any run: 90% of the way from the starting accuracy to uniform/lr's final seed-mean accuracy
+(so uniform/lr always reaches it). Per-seed ratios are printed too. Saves bench/out/blackbox_apps.txt,
+blackbox_apps_curves.png (metric against queries spent) and blackbox_apps_allocations.png
+(allocation histograms).
 """
 import argparse
 import copy
