@@ -45,46 +45,40 @@ def ray_job(*args):
     return subprocess.run([RAY, "job", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_ray_job_submit_runs_the_example_on_a_started_head(ray_head, tmp_path, digits_dir):
-    job = tmp_path / "job"
-    shutil.copytree(ROOT / "examples" / "digits", job, ignore=shutil.ignore_patterns("data"))
-    shutil.copytree(digits_dir, job / "data")
-    run_dir = tmp_path / "run"
-    submission = f"flops-dist-test-{os.getpid()}"
-    sent = ray_job("submit", "--address", ray_head, "--submission-id", submission, "--working-dir", str(job),
-                   "--no-wait", "--", sys.executable, "-m", "flops_dist.cli", "train", "digits.toml",
-                   "--set", "train.steps=20", "--set", "cluster.address=auto", "--set", "metrics.port=-1",
+def submit_and_wait(address: str, job: Path, job_file: str, run_dir: Path, steps: int) -> str:
+    """`ray job submit --working-dir JOB -- flops-dist train JOB_FILE`; waits, asserts success,
+    returns the job's logs."""
+    submission = f"flops-dist-{job_file.split('.')[0]}-{os.getpid()}"
+    sent = ray_job("submit", "--address", address, "--submission-id", submission, "--working-dir", str(job),
+                   "--no-wait", "--", sys.executable, "-m", "flops_dist.cli", "train", job_file,
+                   "--set", f"train.steps={steps}", "--set", "cluster.address=auto", "--set", "metrics.port=-1",
                    "--set", "output.log_every=10", "--set", f"output.run_dir='{run_dir}'")
     assert sent.returncode == 0, sent.stdout + sent.stderr
-    status, logs = wait_for(ray_head, submission)
-    assert "succeeded" in status.lower(), status + logs[-3000:]
-    assert "test accuracy after:" in logs and "step    20/20" in logs
-    assert read_log(run_dir, "run_log").column("step").to_pylist() == list(range(20))
-
-
-def test_ray_job_submit_runs_the_alignment_example(ray_head, tmp_path, alignment):
-    # the black-box case: every worker loads the frozen MiniLM itself, on the cluster
-    run_dir = tmp_path / "run"
-    submission = f"flops-dist-align-{os.getpid()}"
-    sent = ray_job("submit", "--address", ray_head, "--submission-id", submission, "--working-dir", str(alignment),
-                   "--no-wait", "--", sys.executable, "-m", "flops_dist.cli", "train", "alignment.toml",
-                   "--set", "train.steps=20", "--set", "cluster.address=auto", "--set", "metrics.port=-1",
-                   "--set", "output.log_every=10", "--set", f"output.run_dir='{run_dir}'")
-    assert sent.returncode == 0, sent.stdout + sent.stderr
-    status, logs = wait_for(ray_head, submission)
-    assert "succeeded" in status.lower(), status + logs[-3000:]
-    assert "2 workers" in logs and "test accuracy after:" in logs
-    assert read_log(run_dir, "run_log").num_rows == 20
-
-
-def wait_for(address: str, submission: str, seconds: float = 400) -> tuple[str, str]:
-    deadline, status = time.monotonic() + seconds, ""
+    deadline, status = time.monotonic() + 400, ""
     while time.monotonic() < deadline:
         status = ray_job("status", "--address", address, submission).stdout
         if re.search(r"succeeded|failed|stopped", status, re.IGNORECASE):
             break
         time.sleep(3)
-    return status, ray_job("logs", "--address", address, submission).stdout
+    logs = ray_job("logs", "--address", address, submission).stdout
+    assert "succeeded" in status.lower(), status + logs[-3000:]
+    return logs
+
+
+def test_ray_job_submit_runs_the_example_on_a_started_head(ray_head, tmp_path, digits_dir):
+    job = tmp_path / "job"
+    shutil.copytree(ROOT / "examples" / "digits", job, ignore=shutil.ignore_patterns("data"))
+    shutil.copytree(digits_dir, job / "data")
+    logs = submit_and_wait(ray_head, job, "digits.toml", tmp_path / "run", steps=20)
+    assert "test accuracy after:" in logs and "step    20/20" in logs
+    assert read_log(tmp_path / "run", "run_log").column("step").to_pylist() == list(range(20))
+
+
+def test_ray_job_submit_runs_the_alignment_example(ray_head, tmp_path, alignment):
+    # the black-box case: every worker loads the frozen MiniLM itself, on the cluster
+    logs = submit_and_wait(ray_head, alignment, "alignment.toml", tmp_path / "run", steps=20)
+    assert "2 workers" in logs and "test accuracy after:" in logs
+    assert read_log(tmp_path / "run", "run_log").num_rows == 20
 
 
 def exported_metric_names() -> set[str]:
