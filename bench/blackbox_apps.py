@@ -17,11 +17,12 @@ Runs use the reference engine in this process (Engine + LocalExecutor + one Repl
 frozen MiniLM), which the tests prove bit-identical to the Ray path. Seeds change the batches, the
 query seeds and the allocators' draws; the data, the frozen models and the initial target are fixed.
 
-Reports, per application: the final metric, mean ± std over seeds; the queries needed to reach a
-target metric, read off the seed-mean curve (evaluated every 2 steps for alignment, every 10 for
-prompt), as a ratio against uniform with the lr estimator. The target is fixed by a rule set
-before any run: 90% of the way from the starting accuracy to uniform/lr's final seed-mean accuracy
-(so uniform/lr always reaches it). Per-seed ratios are printed too. Saves bench/out/blackbox_apps.txt,
+Reports, per application and for both held-out accuracy and held-out loss (the cross-entropy,
+less noisy than accuracy on a small test set): the final value, mean ± std over seeds; the queries
+needed to reach a target value, read off the seed-mean curve (evaluated every 2 steps for
+alignment, every 10 for prompt), as a ratio against uniform with the lr estimator. The target is
+fixed by a rule set before any run: 90% of the way from the start to uniform/lr's final seed-mean
+value (so uniform/lr always reaches it). Per-seed ratios are printed too. Saves bench/out/blackbox_apps.txt,
 blackbox_apps_curves.png (metric against queries spent) and blackbox_apps_allocations.png
 (allocation histograms).
 """
@@ -87,20 +88,34 @@ class Application:
                            optimizer=t.optimizer_config(), threads=1, device="cpu")
         replica = Replica(build_model(cfg), self.loss_fn, self.train, spec)
         engine = Engine(t, LocalExecutor([replica]), len(self.train), replica.d)
-        spent, queries, metric, allocations = 0, [0], [replica.score(self.test, "accuracy")], []
+        spent, queries, allocations = 0, [0], []
+        scores = [self.evaluate(replica)]
         for step in range(steps):
             out = engine.step(step)
             spent += out.record["queries"]
             allocations.append(out.allocation * t.unit)  # in queries, for both estimators
             if (step + 1) % self.app["eval_every"] == 0 or step + 1 == steps:
                 queries.append(spent)
-                metric.append(replica.score(self.test, "accuracy"))
-        return dict(queries=np.array(queries), metric=np.array(metric), allocations=np.concatenate(allocations))
+                scores.append(self.evaluate(replica))
+        accuracy, loss = np.array(scores).T
+        return dict(queries=np.array(queries), metric=accuracy, loss=loss, allocations=np.concatenate(allocations))
+
+    @torch.no_grad()
+    def evaluate(self, replica, chunk: int = 100) -> tuple[float, float]:
+        """Held-out accuracy and mean loss from one pass (both losses are the cross-entropy of scores)."""
+        correct = total = 0.0
+        for start in range(0, len(self.test), chunk):
+            x = replica.inputs.new_tensor(self.test.inputs[start:start + chunk])
+            y = replica.labels.new_tensor(self.test.labels[start:start + chunk])
+            logits = self.loss_fn.scores(replica.forward.call(replica.theta, x), x)
+            correct += float((logits.argmax(-1) == y).sum())
+            total += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+        return correct / len(self.test), total / len(self.test)
 
 
-def queries_to(curve_q: np.ndarray, curve_m: np.ndarray, target: float) -> float:
+def queries_to(curve_q: np.ndarray, curve_m: np.ndarray, target: float, lower: bool = False) -> float:
     """Queries at the first evaluation whose metric reaches the target (inf if none does)."""
-    hit = np.flatnonzero(curve_m >= target)
+    hit = np.flatnonzero(curve_m <= target if lower else curve_m >= target)
     return float(curve_q[hit[0]]) if len(hit) else float("inf")
 
 
@@ -131,30 +146,38 @@ def main():
                 runs = [app.run(allocator, estimator, seed, steps) for seed in range(args.seeds)]
                 results[name][(allocator, estimator)] = runs
                 print(f"   {allocator}/{estimator}: {time.perf_counter() - began:.0f}s", flush=True)
-        base = np.mean([r["metric"] for r in results[name][("uniform", "lr")]], 0)
-        APPS[name]["target"] = round(float(base[0] + 0.9 * (base[-1] - base[0])), 4)
-        lines += report(name, results[name], APPS[name]["target"])
-        print("\n".join(lines[-12:]), flush=True)
+        table = report(results[name], "metric") + report(results[name], "loss")
+        lines += table
+        print("\n".join(table), flush=True)
     (OUT / "blackbox_apps.txt").write_text("\n".join(lines) + "\n")
     plot(results)
     print(f"wrote {OUT / 'blackbox_apps.txt'}, blackbox_apps_curves.png, blackbox_apps_allocations.png")
 
 
-def report(name: str, runs: dict, target: float) -> list[str]:
+def target_for(runs: dict, key: str) -> float:
+    """The rule: 90% of the way from the start to uniform/lr's final seed-mean value."""
+    base = np.mean([r[key] for r in runs[("uniform", "lr")]], 0)
+    return round(float(base[0] + 0.9 * (base[-1] - base[0])), 4)
+
+
+def report(runs: dict, key: str) -> list[str]:
+    lower = key == "loss"
+    target = target_for(runs, key)
     base = runs[("uniform", "lr")]
-    base_q = queries_to(base[0]["queries"], np.mean([r["metric"] for r in base], 0), target)
-    out = [f"{'allocator/estimator':<22} {'start':>6} {'final (mean ± std)':>20} {'queries to ' + str(target):>16} "
+    base_q = queries_to(base[0]["queries"], np.mean([r[key] for r in base], 0), target, lower)
+    per_seed_base = [queries_to(r["queries"], r[key], target, lower) for r in base]
+    label = f"queries to {'≤' if lower else '≥'} {target}"
+    out = [f"held-out {'loss' if lower else 'accuracy'}:",
+           f"{'allocator/estimator':<22} {'start':>6} {'final (mean ± std)':>20} {label:>18} "
            f"{'÷ uniform/lr':>13} {'per-seed ÷':>18}"]
-    per_seed_base = [queries_to(r["queries"], r["metric"], target) for r in base]
     for (allocator, estimator), rs in runs.items():
-        finals = np.array([r["metric"][-1] for r in rs])
-        q = queries_to(rs[0]["queries"], np.mean([r["metric"] for r in rs], 0), target)
-        per_seed = [queries_to(r["queries"], r["metric"], target) / b for r, b in zip(rs, per_seed_base)]
+        finals = np.array([r[key][-1] for r in rs])
+        q = queries_to(rs[0]["queries"], np.mean([r[key] for r in rs], 0), target, lower)
+        per_seed = [queries_to(r["queries"], r[key], target, lower) / b for r, b in zip(rs, per_seed_base)]
         ratio = q / base_q if np.isfinite(q) and np.isfinite(base_q) else float("nan")
-        out.append(f"{allocator + '/' + estimator:<22} {rs[0]['metric'][0]:6.3f} "
+        out.append(f"{allocator + '/' + estimator:<22} {rs[0][key][0]:6.3f} "
                    f"{finals.mean():12.3f} ± {finals.std(ddof=1):.3f} "
-                   f"{q if np.isfinite(q) else float('inf'):16,.0f} {ratio:13.2f} "
-                   f"{' '.join(f'{p:.2f}' for p in per_seed):>18}")
+                   f"{q:18,.0f} {ratio:13.2f} {' '.join(f'{p:.2f}' for p in per_seed):>18}")
     return out
 
 
@@ -169,7 +192,7 @@ def plot(results: dict) -> None:
             style = "-" if estimator == "lr" else "--"
             line, = ax.plot(rs[0]["queries"], m.mean(0), style, label=f"{allocator}/{estimator}")
             ax.fill_between(rs[0]["queries"], m.min(0), m.max(0), color=line.get_color(), alpha=0.08)
-        ax.axhline(APPS[name]["target"], color="grey", lw=0.8, ls=":")
+        ax.axhline(target_for(runs, "metric"), color="grey", lw=0.8, ls=":")
         ax.set(title=f"{name}: held-out accuracy (mean of seeds, band = min..max)", xlabel="queries spent",
                ylabel="accuracy")
         ax.legend(fontsize=7, ncol=2)
