@@ -45,13 +45,11 @@ import time
 import numpy as np
 import torch
 
-from common import OUT, digits_config
-from flops_dist.allocators import optimal_integer_allocation, variance_objective
+from common import OUT, digits_config, gradient_errors, jackknife_ratio, oracle_ratio
 from flops_dist.api import build_model, load_callable
 from flops_dist.data import load_dataset
 from flops_dist.engine import Engine, LocalExecutor
 from flops_dist.replica import Replica, ReplicaSpec
-from flops_dist.update import reconstruct_gradient
 
 ALLOCATORS = {
     "uniform": dict(train__allocator="uniform"),
@@ -97,61 +95,6 @@ def train(setup, name, seed, lr, steps, checkpoints=()):
         if t < steps:
             losses.append(engine.step(t).record["loss"])
     return dict(loss=np.array(losses), accuracy=replica.score(setup.test, "accuracy"), theta=thetas, raw=lambdas)
-
-
-class Capture(LocalExecutor):
-    """Evaluates like LocalExecutor but keeps the update instead of applying it: θ stays put."""
-
-    def apply(self, msg):
-        self.message = msg
-
-
-def gradient_errors(setup, replica, name, batches, reps, raw=None):
-    """Per batch: MSE, variance and bias² of ĝ against the backprop gradient (module docstring)."""
-    # flops is measured as flops-frozen (no optimizer: λ does not move) with its learned λ loaded
-    cfg = config("flops-frozen" if name == "flops" else name)
-    executor = Capture([replica])
-    engine = Engine(cfg.train, executor, len(setup.train), replica.d)
-    if raw is not None:
-        engine.allocator.raw.data.copy_(raw)
-    out = []
-    for b, batch in enumerate(batches):
-        g = example_gradients(setup, replica, batch).mean(0)
-        engine.batch = lambda t, batch=batch: batch  # pin the batch; t now only moves the noise
-        est = []
-        for r in range(reps):
-            engine.step(b * reps + r)
-            est.append(reconstruct_gradient(executor.message, replica.d, cfg.train.noise).double())
-        est = torch.stack(est)
-        mse = ((est - g) ** 2).sum(1).mean().item()
-        var = ((est - est.mean(0)) ** 2).sum().item() / (reps - 1)
-        out.append((mse, var, mse - var, (g ** 2).sum().item(), (g @ est.mean(0)).item()))
-    return np.array(out)  # [batches, (MSE, variance, bias², ‖g‖², gᵀĝ̄)]
-
-
-def example_gradients(setup, replica, batch):
-    """Backprop gradients of each example's loss w.r.t. θ (the head), [B, d] in Target order."""
-    theta = replica.theta.clone().requires_grad_(True)
-    losses = setup.loss_fn(replica.forward.call(theta, replica.inputs[batch]), replica.labels[batch])
-    return torch.stack([torch.autograd.grad(l, theta, retain_graph=True)[0] for l in losses]).double()
-
-
-def oracle_ratio(setup, replica, batches, budget, a_min):
-    """V(A*)/V(uniform) for the exact integer optimum A* on the true c_j = (d − 1)‖g_j‖² (lr estimator,
-    Rademacher noise): the most any allocator could gain. Also the uniform MSE the theory predicts."""
-    v_opt = v_unif = 0.0
-    for batch in batches:
-        c = (replica.d - 1) * (example_gradients(setup, replica, batch) ** 2).sum(1).numpy()
-        v_opt += variance_objective(c, optimal_integer_allocation(c, budget, a_min))
-        v_unif += variance_objective(c, np.full(len(c), budget // len(c)))
-    return v_opt / v_unif, v_unif / len(batches) / len(batches[0]) ** 2
-
-
-def jackknife_ratio(num, den):
-    """Σ num / Σ den and its leave-one-batch-out standard error."""
-    n = len(num)
-    loo = (num.sum() - num) / (den.sum() - den)
-    return num.sum() / den.sum(), float(np.sqrt((n - 1) / n * ((loo - loo.mean()) ** 2).sum()))
 
 
 def show_lambda(raw):
@@ -207,10 +150,12 @@ def main():
     errors, oracle = {}, {}
     for t in checkpoints:
         replica.theta = base["theta"][t].clone()
-        oracle[t] = oracle_ratio(setup, replica, batches, budget, cfg.train.min_queries)
+        oracle[t] = oracle_ratio(replica, batches, budget, cfg.train.min_queries)
         for name in ALLOCATORS:
             raw = runs["flops", lrs[0], 0]["raw"][t] if name == "flops" else None
-            errors[name, t] = gradient_errors(setup, replica, name, batches, args.reps, raw)
+            # flops is measured as flops-frozen (no optimizer: λ does not move) with its learned λ loaded
+            measured = config("flops-frozen" if name == "flops" else name)
+            errors[name, t] = gradient_errors(measured.train, replica, len(setup.train), batches, args.reps, raw)
         progress(f"measured gradient errors at step {t}")
 
     emit(f"digits head fine-tuning, d = {replica.d}, B = {cfg.train.batch_size}, budget {budget} queries/step "

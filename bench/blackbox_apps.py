@@ -80,13 +80,24 @@ class Application:
         n = self.app["test_size"]
         self.test = ArrayDataset(test.inputs[:n], test.labels[:n])
 
-    def run(self, allocator: str, estimator: str, seed: int, steps: int) -> dict:
+    def config(self, allocator: str, **train) -> Config:
+        """The application's config with another allocator and `train` fields."""
         cfg = copy.deepcopy(self.cfg)
-        cfg.train.allocator, cfg.train.estimator, cfg.train.seed = allocator, estimator, seed
-        t = cfg.validate().train
+        cfg.train.allocator = allocator
+        for name, value in train.items():
+            setattr(cfg.train, name, value)
+        return cfg.validate()
+
+    def replica(self, cfg: Config) -> Replica:
+        t = cfg.train
         spec = ReplicaSpec(include=cfg.target.include, sigma=t.sigma, noise=t.noise,
                            optimizer=t.optimizer_config(), threads=1, device="cpu")
-        replica = Replica(build_model(cfg), self.loss_fn, self.train, spec)
+        return Replica(build_model(cfg), self.loss_fn, self.train, spec)
+
+    def run(self, allocator: str, estimator: str, seed: int, steps: int) -> dict:
+        cfg = self.config(allocator, estimator=estimator, seed=seed)
+        t = cfg.train
+        replica = self.replica(cfg)
         engine = Engine(t, LocalExecutor([replica]), len(self.train), replica.d)
         spent, queries, allocations = 0, [0], []
         scores = [self.evaluate(replica)]
