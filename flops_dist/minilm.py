@@ -9,10 +9,11 @@ package, loaded offline) and the two black-box losses built on it.
   texts ("a handwritten digit seven"); cross-entropy over the labels (image-to-text InfoNCE with
   every class's text as a candidate).
 
-Needs `pip install 'flops-dist[foundation]'`. Nothing here is differentiated: all runs in no_grad.
+Needs `pip install 'flops-dist[foundation]'`. The encoder only ever runs in no_grad.
 """
 from __future__ import annotations
 
+import abc
 import os
 
 import numpy as np
@@ -99,9 +100,13 @@ class MiniLM:
         return self.encode(torch.from_numpy(tokenize(texts, max_length)))
 
 
-class PromptClassifierLoss(FrozenModelLoss):
-    """Cross-entropy of cosine similarities to the label descriptions, through MiniLM with a prompt.
-    Target outputs are prompts [n, p, 384]; inputs are token ids [n, L]."""
+class LabelTextLoss(FrozenModelLoss):
+    """Cross-entropy, over the labels, of the cosines between an embedding per example and MiniLM's
+    embedding of each label's text, divided by a temperature. Subclasses say how an example's
+    embedding is made from the target output (`embed`); the frozen state is (encoder or None, the
+    label texts' embeddings [C, 384])."""
+
+    keeps_encoder = True  # False: the encoder is needed only to embed the label texts, at load
 
     def __init__(self, label_texts: list[str], temperature: float = 0.05):
         self.label_texts = list(label_texts)
@@ -109,12 +114,15 @@ class PromptClassifierLoss(FrozenModelLoss):
 
     def load(self, device):
         encoder = MiniLM(device)
-        return encoder, encoder.encode_texts(self.label_texts)
+        return (encoder if self.keeps_encoder else None), encoder.encode_texts(self.label_texts)
 
-    def _logits(self, prompts, inputs):
-        encoder, labels = self.frozen
-        emb = encoder.encode(inputs, prompts)
-        return emb @ labels.T / self.temperature, emb
+    @abc.abstractmethod
+    def embed(self, outputs: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Unit embeddings [n, 384] of the examples, given the target outputs."""
+
+    def _logits(self, outputs, inputs):
+        emb = self.embed(outputs, inputs)
+        return emb @ self.frozen[1].T / self.temperature, emb
 
     def __call__(self, outputs, inputs, labels):
         logits, emb = self._logits(outputs, inputs)
@@ -124,24 +132,19 @@ class PromptClassifierLoss(FrozenModelLoss):
         return self._logits(outputs, inputs)[0]
 
 
-class AlignmentLoss(FrozenModelLoss):
-    """Image-to-text contrastive loss against MiniLM's embeddings of the label texts. Target
-    outputs are projected image features [n, 384]; the encoder runs once, at load."""
+class PromptClassifierLoss(LabelTextLoss):
+    """Prompt tuning: target outputs are prompts [n, p, 384], inputs token ids [n, L]; an example's
+    embedding is MiniLM's, with the prompt after [CLS]."""
 
-    def __init__(self, label_texts: list[str], temperature: float = 0.05):
-        self.label_texts = list(label_texts)
-        self.temperature = temperature
+    def embed(self, outputs, inputs):
+        return self.frozen[0].encode(inputs, outputs)
 
-    def load(self, device):
-        return MiniLM(device).encode_texts(self.label_texts).to(device)  # only the [C, 384] texts are kept
 
-    def _logits(self, outputs):
-        emb = F.normalize(outputs.float(), dim=-1)
-        return emb @ self.frozen.T / self.temperature, emb
+class AlignmentLoss(LabelTextLoss):
+    """Image-to-text contrastive loss: target outputs are projected image features [n, 384]; the
+    encoder runs only at load, to embed the label texts."""
 
-    def __call__(self, outputs, inputs, labels):
-        logits, emb = self._logits(outputs)
-        return F.cross_entropy(logits, labels.to(logits.device), reduction="none"), emb
+    keeps_encoder = False
 
-    def scores(self, outputs, inputs):
-        return self._logits(outputs)[0]
+    def embed(self, outputs, inputs):
+        return F.normalize(outputs.float(), dim=-1)
