@@ -1,4 +1,8 @@
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,27 +12,20 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # OpenMP contention makes small ops orders of magnitude slower.
 torch.set_num_threads(1)
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
     """The digits example's Parquet splits and pretrained ViT, made once per session."""
-    import subprocess
-    import sys
-    from pathlib import Path
     out = tmp_path_factory.mktemp("digits")
-    script = Path(__file__).resolve().parents[1] / "examples" / "digits" / "prepare.py"
+    script = EXAMPLES / "digits" / "prepare.py"
     subprocess.run([sys.executable, str(script), str(out)], check=True, capture_output=True)
     return out
 
 
-EXAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples"
-
-
 def _prepare(tmp_path_factory, example: str, *args: str):
     """A copy of an example with its data prepared, as a user would lay it out."""
-    import shutil
-    import subprocess
-    import sys
     job = tmp_path_factory.mktemp(example) / "job"
     shutil.copytree(EXAMPLES / example, job, ignore=shutil.ignore_patterns("data"))
     out = subprocess.run([sys.executable, str(job / "prepare.py"), str(job / "data"), *args],
