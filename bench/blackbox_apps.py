@@ -118,7 +118,7 @@ class Application:
         for start in range(0, len(self.test), chunk):
             x = replica.inputs.new_tensor(self.test.inputs[start:start + chunk])
             y = replica.labels.new_tensor(self.test.labels[start:start + chunk])
-            logits = self.loss_fn.scores(replica.forward.call(replica.theta, x), x)
+            logits = replica.forward.scores(replica.forward.call(replica.theta, x), x)
             correct += float((logits.argmax(-1) == y).sum())
             total += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
         return correct / len(self.test), total / len(self.test)

@@ -130,14 +130,14 @@ def preflight(model: nn.Module, loss_fn, dataset: ArrayDataset, cfg: Config) -> 
         raise ConfigError(f"target: {e}") from None
     try:
         with torch.no_grad():
-            losses, _ = replica.forward.losses(replica.forward.call(replica.theta, replica.inputs),
-                                               replica.inputs, replica.labels)
+            outputs = replica.forward.call(replica.theta, replica.inputs)
+            losses, _ = replica.forward.losses(outputs, replica.inputs, replica.labels)
+            if cfg.data.metric == "accuracy":
+                replica.forward.scores(outputs, replica.inputs)
         if not torch.is_tensor(losses) or losses.shape != (len(sample),):
             shape = list(losses.shape) if torch.is_tensor(losses) else type(losses).__name__
             raise TrainingError(f"the loss function must return one loss per example (shape [{len(sample)}]), "
                                 f"got {shape}; check its reduction")
-        if replica.forward.black_box and cfg.data.metric == "accuracy":
-            replica.forward.loss_fn.scores(replica.forward.call(replica.theta, replica.inputs), replica.inputs)
         rows, _ = chunk_examples(np.arange(len(sample)), t.chunk_size)
         replica.clean_forward(rows)
         plan = plan_queries(np.zeros(len(sample), np.int64), np.ones(len(sample), np.int64), 1, t.unit,

@@ -144,9 +144,7 @@ class Replica:
             x, y = inputs[start:start + chunk], labels[start:start + chunk]
             outputs = self.forward.call(self.theta, x)
             if metric == "accuracy":
-                if self.forward.black_box:
-                    outputs = self.forward.loss_fn.scores(outputs, x)
-                total += float((outputs.argmax(-1) == y).sum())
+                total += float((self.forward.scores(outputs, x).argmax(-1) == y).sum())
             else:
                 total += float(self.forward.losses(outputs, x, y)[0].sum())
         return total / max(len(labels), 1)

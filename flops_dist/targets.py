@@ -89,6 +89,10 @@ class PerturbedForward:
         result = self.loss_fn(outputs, inputs, labels)
         return result if isinstance(result, tuple) else (result, None)
 
+    def scores(self, outputs, inputs) -> torch.Tensor:
+        """Class scores for the accuracy metric: the model's outputs, or the black box's scores."""
+        return self.loss_fn.scores(outputs, inputs) if self.black_box else outputs
+
     @torch.no_grad()
     def clean(self, theta, inputs, labels) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-example losses at θ and embeddings (the black box's embeddings, the embedding
