@@ -200,6 +200,8 @@ def train(model: nn.Module, loss_fn, train_data, config: Config, test_data=None,
         progress(f"flops_dist: {len(info['workers'])} workers on {', '.join(devices)}; "
                  f"d = {info['d']} target parameters; run dir {info['run_dir']}"
                  + (f"; resumed at step {info['step']}" if resume else ""))
+        for note in info["notes"]:
+            progress(f"flops_dist: {note}")
         if info["metrics_url"]:
             progress(f"metrics at {info['metrics_url']}")
         before = ray.get(coordinator.score.remote())

@@ -1,4 +1,5 @@
-"""`flops-dist train CONFIG`: forward-only training from a TOML config; `flops-dist plot RUN_DIR`."""
+"""`flops-dist train CONFIG`: forward-only training from a TOML config; `flops-dist plot RUN_DIR`;
+`flops-dist verify RUN_DIR`: check a run directory's integrity."""
 from __future__ import annotations
 
 import argparse
@@ -62,6 +63,17 @@ def _train(args) -> int:
     return 0
 
 
+def _verify(args) -> int:
+    from .verify import verify_run
+    problems, summary = verify_run(args.run_dir)
+    for problem in problems:
+        print(f"flops-dist: verify: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    print(f"verified {args.run_dir}: {summary}")
+    return 0
+
+
 def _plot(args) -> int:
     from .plots import plot_run
     for path in plot_run(args.run_dir):
@@ -82,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     p_plot = sub.add_parser("plot", help="plot a run's loss curve and allocation histograms")
     p_plot.add_argument("run_dir")
     p_plot.set_defaults(func=_plot)
+    p_verify = sub.add_parser("verify", help="check a run directory's snapshots, logs and model, and replay its log")
+    p_verify.add_argument("run_dir")
+    p_verify.set_defaults(func=_verify)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

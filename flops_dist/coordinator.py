@@ -16,14 +16,13 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
-from safetensors.numpy import save_file
 
 from .config import Config
 from .engine import Engine
 from .metrics import RunMetrics
 from .replica import ReplicaSpec
-from .runlog import (RunLogWriter, RunStateError, Snapshot, check_run_dir, latest_snapshot, messages, read_log,
-                     save_snapshot, truncate_log, write_atomically)
+from .runlog import (SCHEMAS, Recovery, RunLogWriter, RunStateError, Snapshot, check_run_dir, parts_holding, recover,
+                     save_model, save_snapshot, truncate_log)
 from .sharding import QueryChunks, assign_chunks, chunk_costs, gather_rows
 from .worker import RemoteWorker
 
@@ -75,13 +74,41 @@ class RayExecutor:
                     self.speeds[w] = rate if self.speeds[w] == 1.0 else 0.7 * self.speeds[w] + 0.3 * rate
                     if method == "evaluate":
                         self.query_rates[w] = result[0].size / seconds
-            if dead:
-                keep = [w for w in range(len(self.workers)) if w not in dead]
-                self.workers = [self.workers[w] for w in keep]
-                self.speeds = self.speeds[keep]
-                self.query_rates = self.query_rates[keep]
-                self.workers_lost += len(dead)
+            self._drop(dead)
             remaining = np.concatenate(failed) if failed else remaining[:0]
+
+    def _drop(self, dead: set[int]) -> None:
+        if dead:
+            keep = [w for w in range(len(self.workers)) if w not in dead]
+            self.workers = [self.workers[w] for w in keep]
+            self.speeds = self.speeds[keep]
+            self.query_rates = self.query_rates[keep]
+            self.workers_lost += len(dead)
+
+    def call_all(self, method: str, *args) -> list:
+        """`method` on every live worker; the dead are dropped, and at least one must answer."""
+        refs = [getattr(w, method).remote(*args) for w in self.workers]
+        results, dead = [], set()
+        for w, ref in enumerate(refs):
+            try:
+                results.append(ray.get(ref))
+            except ray.exceptions.RayActorError:
+                log.warning("worker %d died during %s", w, method)
+                dead.add(w)
+        self._drop(dead)
+        if not results:
+            raise AllWorkersLost(f"every worker died during {method}")
+        return results
+
+    def call_any(self, method: str, *args):
+        """`method` on one live worker, falling back to the next when one dies."""
+        while self.workers:
+            try:
+                return ray.get(getattr(self.workers[0], method).remote(*args))
+            except ray.exceptions.RayActorError:
+                log.warning("worker 0 died during %s; asking another", method)
+                self._drop({0})
+        raise AllWorkersLost(f"every worker has died; none is left for {method}")
 
     @staticmethod
     def _send_update(workers: list, msg) -> None:
@@ -133,7 +160,7 @@ class RayExecutor:
 
     def hashes(self) -> list[str]:
         self.deliver()
-        return ray.get([w.hash.remote() for w in self.workers])
+        return self.call_all("hash")
 
 
 def gpus_per_worker(cfg: Config) -> int:
@@ -151,9 +178,7 @@ class Coordinator:
         torch.set_num_threads(1)  # the allocator's math must not depend on the host's cores
         self.cfg, self.refs = cfg, refs
         t = cfg.train
-        self.spec = ReplicaSpec(include=cfg.target.include, embedding_module=cfg.target.embedding_module,
-                                sigma=t.sigma, noise=t.noise, optimizer=t.optimizer_config(),
-                                threads=cfg.cluster.threads_per_worker)
+        self.spec = ReplicaSpec.from_config(cfg)
         self.gpus = gpus_per_worker(cfg)
         self.run_dir = Path(cfg.output.run_dir)
         check_run_dir(self.run_dir)
@@ -178,6 +203,7 @@ class Coordinator:
         self.writer = RunLogWriter(self.run_dir)
         self.restarts = 0
         self.step = 0
+        self.notes: list[str] = []  # what recovery set aside or rolled back, for the user
         if resume:
             self._resume()
         else:
@@ -206,7 +232,8 @@ class Coordinator:
 
     def _catch_up(self, worker, timeout: float = 120.0) -> bool:
         """Bring a new worker to the current step from the last snapshot plus the update log, and
-        admit it only if its parameter hash equals a live replica's."""
+        admit it only if its parameter hash equals a live replica's (with none alive: the hash the
+        replicas last agreed on, where that was at this step)."""
         self.executor.deliver()
         try:
             new_hash = ray.get(worker.restore.remote(self.snapshot.tensors, self.snapshot.step,
@@ -215,7 +242,10 @@ class Coordinator:
             log.warning("a new worker could not start (%s); will retry later", type(e).__name__)
             ray.kill(worker)
             return False
-        reference = ray.get(self.executor.workers[0].hash.remote()) if self.executor.workers else self.snapshot_hash
+        try:
+            reference = self.executor.call_any("hash")
+        except AllWorkersLost:
+            reference = self.agreed[1] if self.agreed[0] == self.step else new_hash
         if new_hash != reference:
             ray.kill(worker)
             raise RuntimeError(f"a new worker caught up to step {self.step} with hash {new_hash[:12]}, "
@@ -223,9 +253,16 @@ class Coordinator:
         self.executor.add(worker)
         return True
 
-    def _fill_workers(self) -> None:
-        """Replace dead workers and admit late joiners while the cluster has room."""
-        while len(self.executor.workers) < self.cfg.cluster.workers and self._free_slots() > 0:
+    def _fill_workers(self, wait: float = 0.0) -> None:
+        """Replace dead workers and admit late joiners while the cluster has room. With no live
+        worker, wait up to `wait` seconds for the dead ones' resources to come back."""
+        deadline = time.monotonic() + wait
+        while len(self.executor.workers) < self.cfg.cluster.workers:
+            if self._free_slots() == 0:
+                if self.executor.workers or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.5)
+                continue
             if not self._catch_up(self._new_worker()):
                 break
             replaced = self.executor.workers_lost > self.restarts
@@ -235,44 +272,85 @@ class Coordinator:
             log.warning("worker %s at step %d; %d live", "replaced" if replaced else "joined", self.step,
                         len(self.executor.workers))
 
+    def _replace_all(self) -> None:
+        log.warning("every worker has died at step %d; replacing them from the snapshot of step %d",
+                    self.step, self.snapshot.step)
+        self._fill_workers(wait=30.0)
+        if not self.executor.workers:
+            raise AllWorkersLost(f"every worker died at step {self.step} and the cluster has no room for new "
+                                 f"ones; resume with `flops-dist train --resume {self.run_dir}` once it has")
+
+    def _surviving(self, phase, *args):
+        """`phase(*args)`, once more on workers made from the snapshot if every worker died in it."""
+        try:
+            return phase(*args)
+        except AllWorkersLost:
+            self._replace_all()
+            return phase(*args)
+
     # -- durable state ---------------------------------------------------------------------------
     def _take_snapshot(self) -> None:
         self.executor.deliver()
-        tensors, step, digest = ray.get(self.executor.workers[0].snapshot.remote())
+        tensors, step, digest = self.executor.call_any("snapshot")
         assert step == self.step, (step, self.step)
         self.snapshot = Snapshot(step, tensors, digest)
-        self.snapshot_hash = digest
+        self.agreed = (step, digest)
         self.messages_since_snapshot = []
         save_snapshot(self.run_dir, self.snapshot)
 
     def _resume(self) -> None:
-        runs, updates = read_log(self.run_dir, "run_log"), read_log(self.run_dir, "updates")
-        # a step counts when both logs have it; the rest is recomputed, bit for bit
-        steps = min(runs.num_rows, updates.num_rows)
-        for sub in ("run_log", "updates"):
-            truncate_log(self.run_dir, sub, steps)
-        snap = latest_snapshot(self.run_dir, steps)
-        if snap is None:  # base weights plus the whole log is a checkpoint too
-            log.warning("%s: no readable snapshot; replaying %d updates onto the base weights", self.run_dir, steps)
-            tensors, _, digest = ray.get(self.executor.workers[0].snapshot.remote())
-            snap = Snapshot(0, tensors, digest)
-            save_snapshot(self.run_dir, snap)
-        replay = messages(updates, snap.step)[:steps - snap.step]
-        hashes = ray.get([w.restore.remote(snap.tensors, snap.step, replay) for w in self.executor.workers])
-        if len(set(hashes)) != 1:
-            raise RunStateError("replicas disagree after replaying the update log")
-        if steps:
-            self.engine.allocator.load_state(runs.column("allocator_state")[steps - 1].as_py())
-        self.step = steps
-        self.snapshot, self.snapshot_hash, self.messages_since_snapshot = snap, snap.hash, replay
+        """Continue from the newest verified snapshot plus the update log, checked on the way
+        against every θ hash the run log recorded; from the last verified step if one fails."""
+        rec = recover(self.run_dir)
+        self.notes.extend(rec.notes)
+        snap = rec.snapshot or self._base_snapshot(rec.steps)
+        reached = self._replay(rec, snap)
+        if reached < rec.steps:
+            for sub in SCHEMAS:
+                truncate_log(self.run_dir, sub, reached)
+        if reached:
+            self.engine.allocator.load_state(rec.allocator_state(reached))
+        self.step = reached
+        self.snapshot, self.messages_since_snapshot = snap, rec.replay(snap.step, reached)
+        self.agreed = (reached, self.executor.call_any("hash"))
         log.warning("resumed at step %d from the snapshot of step %d plus %d logged updates",
-                    steps, snap.step, len(replay))
+                    reached, snap.step, reached - snap.step)
+
+    def _base_snapshot(self, steps: int) -> Snapshot:
+        """Base weights plus the whole update log is a checkpoint too."""
+        self.notes.append(f"{self.run_dir}: no verified snapshot; replaying {steps} updates onto the base weights")
+        log.warning(self.notes[-1])
+        tensors, _, digest = self.executor.call_any("snapshot")
+        snap = Snapshot(0, tensors, digest)
+        save_snapshot(self.run_dir, snap)
+        return snap
+
+    def _replay(self, rec: Recovery, snap: Snapshot) -> int:
+        """Load `snap` on every replica and replay the update log, stopping at each step whose θ
+        hash the run log recorded; returns the last step whose θ can be trusted."""
+        expected = {s: h for s, h in rec.expected_hashes().items() if snap.step < s <= rec.steps}
+        self.executor.call_all("restore", snap.tensors, snap.step, [])
+        reached = snap.step
+        for mark in sorted(expected) + [rec.steps]:
+            hashes = self.executor.call_all("replay", rec.replay(reached, mark))
+            if len(set(hashes)) != 1:
+                raise RunStateError(f"replicas disagree after replaying the update log to step {mark}")
+            if mark in expected and hashes[0] != expected[mark]:
+                self.notes.append(f"{parts_holding(self.run_dir, 'updates', reached, mark - 1)}: replaying steps "
+                                  f"{reached}-{mark - 1} gives θ hash "
+                                  f"{hashes[0][:12]}, but the run log recorded {expected[mark][:12]}; resuming from "
+                                  f"step {reached}, the last verified one")
+                log.warning(self.notes[-1])
+                self.executor.call_all("restore", snap.tensors, snap.step, rec.replay(snap.step, reached))
+                return reached
+            reached = mark
+        return reached
 
     # -- the loop --------------------------------------------------------------------------------
     def info(self) -> dict:
         return {"workers": ray.get([w.info.remote() for w in self.executor.workers]), "d": self.engine.d,
                 "run_dir": str(self.run_dir), "metrics_url": self.metrics_url, "step": self.step,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "notes": list(self.notes)}
 
     def worker_handles(self) -> list:
         """The live workers' actor handles, for operators (and tests) to inspect or stop."""
@@ -282,7 +360,7 @@ class Coordinator:
         if self.refs.get("test") is None:
             return None
         self.executor.deliver()
-        return ray.get(self.executor.workers[0].score.remote(self.refs["test"], self.cfg.data.metric))
+        return self._surviving(self.executor.call_any, "score", self.refs["test"], self.cfg.data.metric)
 
     def run(self, steps: int) -> list[dict]:
         """Run up to `steps` more steps; returns their run-log rows."""
@@ -292,7 +370,7 @@ class Coordinator:
             if len(self.executor.workers) < self.cfg.cluster.workers and (
                     self.executor.workers_lost > self.restarts or self.step % self.cfg.cluster.rescale_every == 0):
                 self._fill_workers()
-            outcome = self.engine.step(self.step)
+            outcome = self._step()
             self.writer.append(outcome.record, outcome.message, outcome.allocation, self.engine.allocator.state())
             self.messages_since_snapshot.append(outcome.message)
             alive = len(self.executor.workers)
@@ -300,21 +378,35 @@ class Coordinator:
             records.append({**outcome.record, "workers_alive": alive, "workers_lost": self.executor.workers_lost,
                             "worker_restarts": self.restarts})
             self.step += 1
+            if outcome.record["theta_hash"]:
+                self.agreed = (self.step, outcome.record["theta_hash"])
             if self.step % every == 0:
                 self.writer.flush()
                 self._take_snapshot()
         self.writer.flush()
         return records
 
+    def _step(self):
+        """Engine.step; if every worker dies in it, once more from the same allocator state on new
+        workers made from the snapshot (the step's result does not depend on who computes it)."""
+        state = self.engine.allocator.state()
+        try:
+            return self.engine.step(self.step)
+        except AllWorkersLost:
+            self.engine.allocator.load_state(state)
+            self._replace_all()
+            return self.engine.step(self.step)
+
     def finish(self) -> dict[str, np.ndarray]:
-        """Check that every replica agrees, snapshot, save and return the final model."""
-        self.engine.check_replicas(self.step - 1)
+        """Check that every replica agrees, snapshot, save and return the final model. Each phase
+        goes to any live replica, and to new ones made from the snapshot if all have died."""
+        self._surviving(self.engine.check_replicas, self.step - 1)
         self.writer.flush()
         if self.snapshot.step != self.step:
-            self._take_snapshot()
+            self._surviving(self._take_snapshot)
         self.metrics.close()
-        state = ray.get(self.executor.workers[0].state_dict.remote())
-        write_atomically(self.run_dir / "model.safetensors", lambda tmp: save_file(state, str(tmp)))
+        state = self._surviving(self.executor.call_any, "state_dict")
+        save_model(self.run_dir, state, self.step, self.snapshot.hash)
         return state
 
 

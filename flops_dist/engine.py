@@ -126,8 +126,7 @@ class Engine:
         self.allocator.learn(est.c_hat)
         msg = UpdateMessage(t, cfg.learning_rate, est.seeds, est.coefficients)
         self.executor.apply(msg)
-        if cfg.hash_every and (t + 1) % cfg.hash_every == 0:
-            self.check_replicas(t)
+        theta_hash = self.check_replicas(t) if cfg.hash_every and (t + 1) % cfg.hash_every == 0 else ""
         used = est.units_used > 0
         n_used = max(int(used.sum()), 1)
         lam = self.allocator.parameters()
@@ -144,12 +143,15 @@ class Engine:
             **{f"lambda_{k}": float(lam.get(k, np.nan)) for k in ("beta0", "beta1", "s", "gamma")},
             "update_bytes": msg.nbytes,
             "seconds": time.perf_counter() - began,
+            "theta_hash": theta_hash,
         }
         return StepOutcome(record, msg, allocation)
 
-    def check_replicas(self, t: int) -> None:
+    def check_replicas(self, t: int) -> str:
+        """The replicas' common θ hash after step t; stops the run if they differ."""
         hashes = self.executor.hashes()
         if len(set(hashes)) > 1:
             listing = ", ".join(f"worker {i}: {h[:12]}" for i, h in enumerate(hashes))
             raise ReplicaDivergence(f"after step {t} the replicas' parameter hashes differ ({listing}); "
                                     "stopping before an inconsistent model is trained further")
+        return hashes[0]

@@ -30,6 +30,14 @@ class ReplicaSpec:
     threads: int = 1
     device: str = "auto"
 
+    @classmethod
+    def from_config(cls, cfg, **overrides) -> "ReplicaSpec":
+        """The spec of a run's replicas, from its Config."""
+        t = cfg.train
+        return cls(**{"include": cfg.target.include, "embedding_module": cfg.target.embedding_module,
+                      "sigma": t.sigma, "noise": t.noise, "optimizer": t.optimizer_config(),
+                      "threads": cfg.cluster.threads_per_worker, **overrides})
+
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
@@ -123,6 +131,10 @@ class Replica:
         self.theta = theta
         self.opt_state = {k[4:]: torch.tensor(v, device=self.device) for k, v in tensors.items() if k.startswith("opt.")}
         self.updates_applied = step
+        return self.replay(messages)
+
+    def replay(self, messages: list[UpdateMessage]) -> str:
+        """Apply logged updates in order; returns the hash of θ after them."""
         for msg in messages:
             self.apply(msg)
         return self.hash()

@@ -5,15 +5,20 @@ and renamed, so a crash mid-write leaves the previous state usable:
     run_log/part-FIRST-LAST.parquet   one row per step (metrics, allocation, allocator state)
     updates/part-FIRST-LAST.parquet   one row per step: U_t = (t, learning rate, seeds, coefficients)
     snapshots/step-T.safetensors      θ and optimizer state before step T (no pickle)
-A segment or snapshot that cannot be read is set aside as *.corrupt with a warning naming it, and
-the run continues from the last good state before it.
+Nothing damaged is trusted. Every log row carries a SHA-256 checksum of its values, every snapshot
+the hash of its θ and optimizer state, and the run log records θ's hash at every replica check, so
+a replay of the update log can be checked against it. A segment or snapshot that fails any check is
+set aside as *.corrupt with a warning naming it, and the run continues from the last good state
+before it. `scan_log` and `scan_snapshots` only read: `flops-dist verify` uses them.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from safetensors.numpy import load_file, save_file
 
-from .update import UpdateMessage
+from .update import UpdateMessage, state_hash
 
 log = logging.getLogger("flops_dist")
 
@@ -33,17 +38,30 @@ RUN_LOG_SCHEMA = pa.schema([
     ("lambda_beta0", pa.float64()), ("lambda_beta1", pa.float64()), ("lambda_s", pa.float64()),
     ("lambda_gamma", pa.float64()), ("update_bytes", pa.int64()), ("seconds", pa.float64()),
     ("allocation", pa.list_(pa.int32())), ("allocator_state", pa.list_(pa.float64())),
+    ("theta_hash", pa.string()),  # θ after this step's update, where the replicas were compared; else ""
+    ("checksum", pa.string()),
 ])
 UPDATE_LOG_SCHEMA = pa.schema([
     ("step", pa.int64()), ("learning_rate", pa.float64()),
     ("seeds", pa.list_(pa.int64())), ("coefficients", pa.list_(pa.float64())),
+    ("checksum", pa.string()),
 ])
+SCHEMAS = {"run_log": RUN_LOG_SCHEMA, "updates": UPDATE_LOG_SCHEMA}
 _PART = re.compile(r"part-(\d{8})-(\d{8})\.parquet$")
 _SNAPSHOT = re.compile(r"step-(\d{8})\.safetensors$")
 
 
 class RunStateError(RuntimeError):
     """The run directory holds no usable state to resume from."""
+
+
+@dataclass(frozen=True)
+class Damage:
+    path: Path
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.why}"
 
 
 WRITTEN = ("config.json", "model.safetensors", "run.png", "run_log", "updates", "snapshots")
@@ -71,10 +89,20 @@ def write_atomically(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def _set_aside(path: Path, why: str) -> None:
-    log.warning("%s is unreadable (%s); set aside as %s.corrupt, continuing from the state before it",
-                path, why, path.name)
-    os.replace(path, path.with_name(path.name + ".corrupt"))
+def set_aside(damage: Damage, notes: list[str] | None = None) -> None:
+    """Rename a damaged file to *.corrupt, with a warning naming it (also appended to `notes`)."""
+    note = (f"{damage.path} cannot be trusted ({damage.why}); set aside as {damage.path.name}.corrupt, "
+            "continuing from the state before it")
+    log.warning(note)
+    if notes is not None:
+        notes.append(note)
+    os.replace(damage.path, damage.path.with_name(damage.path.name + ".corrupt"))
+
+
+def row_checksums(table: pa.Table) -> list[str]:
+    """SHA-256 of each row's values other than the checksum (JSON: floats round-trip exactly)."""
+    rows = table.drop_columns(["checksum"]).to_pylist() if "checksum" in table.column_names else table.to_pylist()
+    return [hashlib.sha256(json.dumps(row, sort_keys=True).encode()).hexdigest() for row in rows]
 
 
 class RunLogWriter:
@@ -89,7 +117,8 @@ class RunLogWriter:
 
     def append(self, record: dict, msg: UpdateMessage, allocation: np.ndarray, allocator_state: list[float]) -> None:
         self._run_rows.append({**record, "allocation": allocation.astype(np.int32).tolist(),
-                               "allocator_state": list(allocator_state)})
+                               "allocator_state": list(allocator_state),
+                               "theta_hash": record.get("theta_hash", "")})
         self._update_rows.append({"step": msg.step, "learning_rate": msg.learning_rate,
                                   "seeds": msg.seeds.tolist(), "coefficients": msg.coefficients.tolist()})
 
@@ -98,36 +127,59 @@ class RunLogWriter:
             return
         name = f"part-{self._run_rows[0]['step']:08d}-{self._run_rows[-1]['step']:08d}.parquet"
         # the update log first: a run-log row never exists without its update
-        for sub, rows, schema in (("updates", self._update_rows, UPDATE_LOG_SCHEMA),
-                                  ("run_log", self._run_rows, RUN_LOG_SCHEMA)):
-            table = pa.Table.from_pylist(rows, schema)
+        for sub, rows in (("updates", self._update_rows), ("run_log", self._run_rows)):
+            table = pa.Table.from_pylist(rows, SCHEMAS[sub].remove(SCHEMAS[sub].get_field_index("checksum")))
+            table = table.append_column("checksum", pa.array(row_checksums(table), pa.string()))
             write_atomically(self.run_dir / sub / name, lambda tmp: pq.write_table(table, tmp))
         self._run_rows, self._update_rows = [], []
 
 
-def read_log(run_dir: str | Path, sub: str) -> pa.Table:
-    """All readable segments of run_log/ or updates/ in step order, stopping at a gap or a corrupt one."""
-    schema = RUN_LOG_SCHEMA if sub == "run_log" else UPDATE_LOG_SCHEMA
+def scan_log(run_dir: str | Path, sub: str) -> tuple[pa.Table, list[Damage]]:
+    """The good prefix of run_log/ or updates/ in step order, and every segment past it with the
+    reason it cannot be used (unreadable, a row failing its checksum, a gap before it). Reads only."""
     parts = sorted((int(m[1]), int(m[2]), p) for p in (Path(run_dir) / sub).glob("part-*.parquet")
                    if (m := _PART.search(p.name)))
-    tables, expected = [], 0
+    tables, damage, expected = [], [], 0
     for first, last, path in parts:
-        if first != expected:
-            break
-        try:
-            table = pq.read_table(path, schema=schema)
-        except (pa.ArrowInvalid, OSError) as e:
-            _set_aside(path, str(e))
-            break
-        if table.column("step").to_pylist() != list(range(first, last + 1)):
-            _set_aside(path, "its steps do not match its name")
-            break
+        if damage or first != expected:
+            damage.append(Damage(path, f"it follows the last good step {expected - 1}"))
+            continue
+        table, why = _read_part(path, first, last, SCHEMAS[sub])
+        if why:
+            damage.append(Damage(path, why))
+            continue
         tables.append(table)
         expected = last + 1
-    for first, _, path in parts:  # segments after a gap or a corrupt one cannot be used
-        if first >= expected and path.exists():
-            _set_aside(path, f"it follows the last good step {expected - 1}")
-    return pa.concat_tables(tables) if tables else schema.empty_table()
+    return (pa.concat_tables(tables) if tables else SCHEMAS[sub].empty_table()), damage
+
+
+def _read_part(path: Path, first: int, last: int, schema: pa.Schema) -> tuple[pa.Table | None, str]:
+    try:
+        table = pq.read_table(path, schema=schema)
+    except (pa.ArrowInvalid, OSError) as e:
+        return None, f"unreadable: {e}"
+    if table.column("step").to_pylist() != list(range(first, last + 1)):
+        return None, "its steps do not match its name"
+    for step, stored, computed in zip(table.column("step").to_pylist(), table.column("checksum").to_pylist(),
+                                      row_checksums(table)):
+        if stored != computed:
+            return None, f"the row of step {step} fails its checksum"
+    return table, ""
+
+
+def parts_holding(run_dir: str | Path, sub: str, first: int, last: int) -> str:
+    """The names of a log's segments that hold any step in [first, last], for messages."""
+    parts = [p for p in sorted((Path(run_dir) / sub).glob("part-*.parquet"))
+             if (m := _PART.search(p.name)) and int(m[1]) <= last and int(m[2]) >= first]
+    return ", ".join(str(p) for p in parts) or str(Path(run_dir) / sub)
+
+
+def read_log(run_dir: str | Path, sub: str, notes: list[str] | None = None) -> pa.Table:
+    """The good prefix of a log; segments that cannot be trusted are set aside (scan_log)."""
+    table, damage = scan_log(run_dir, sub)
+    for d in damage:
+        set_aside(d, notes)
+    return table
 
 
 def truncate_log(run_dir: str | Path, sub: str, steps: int) -> None:
@@ -142,6 +194,12 @@ def truncate_log(run_dir: str | Path, sub: str, steps: int) -> None:
             write_atomically(path.with_name(f"part-{first:08d}-{steps - 1:08d}.parquet"),
                              lambda tmp: pq.write_table(kept, tmp))
             path.unlink()
+
+
+def recorded_hashes(runs: pa.Table) -> dict[int, str]:
+    """θ hashes the run log recorded, keyed by the step they precede (θ before step t + 1)."""
+    return {step + 1: h for step, h in zip(runs.column("step").to_pylist(), runs.column("theta_hash").to_pylist())
+            if h}
 
 
 def messages(updates: pa.Table, start: int = 0) -> list[UpdateMessage]:
@@ -168,23 +226,109 @@ def save_snapshot(run_dir: str | Path, snap: Snapshot, keep: int = 3) -> Path:
     return path
 
 
-def latest_snapshot(run_dir: str | Path, at_most: int) -> Snapshot | None:
-    """The newest readable snapshot with step ≤ at_most."""
-    folder = Path(run_dir) / "snapshots"
-    found = sorted(((int(m[1]), p) for p in folder.glob("step-*.safetensors") if (m := _SNAPSHOT.search(p.name))),
-                   reverse=True)
-    for step, path in found:
-        if step > at_most:
-            continue
+def read_snapshot(path: Path) -> Snapshot:
+    """A snapshot whose tensors hash to the hash stored with them; ValueError says why not."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "np") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as e:  # a truncated or garbled file raises from inside safetensors
+        raise ValueError(f"unreadable: {type(e).__name__}: {e}") from None
+    m = _SNAPSHOT.search(path.name)
+    if meta.get("format") != "flops_dist.snapshot.v1" or not m or meta.get("step") != str(int(m[1])) \
+            or "theta" not in tensors:
+        raise ValueError("not a flops_dist snapshot of the step in its name")
+    found = state_hash(tensors["theta"], {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")})
+    if found != meta.get("hash"):
+        raise ValueError(f"its θ and optimizer state hash to {found[:12]}, not the {meta.get('hash', '')[:12]} "
+                         "stored with them")
+    return Snapshot(int(m[1]), tensors, meta["hash"])
+
+
+def scan_snapshots(run_dir: str | Path) -> tuple[list[Snapshot], list[Damage]]:
+    """Every snapshot that passes its hash check, newest first, and the damaged ones. Reads only."""
+    good, damage = [], []
+    for path in sorted((Path(run_dir) / "snapshots").glob("step-*.safetensors"), reverse=True):
         try:
-            from safetensors import safe_open
-            with safe_open(str(path), "np") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(path))
-            if meta.get("format") != "flops_dist.snapshot.v1" or int(meta["step"]) != step or "theta" not in tensors:
-                raise ValueError("not a flops_dist snapshot of that step")
-        except Exception as e:  # a truncated file raises from inside safetensors
-            _set_aside(path, f"{type(e).__name__}: {e}")
-            continue
-        return Snapshot(step, tensors, meta["hash"])
-    return None
+            good.append(read_snapshot(path))
+        except ValueError as e:
+            damage.append(Damage(path, str(e)))
+    return good, damage
+
+
+def latest_snapshot(run_dir: str | Path, at_most: int, notes: list[str] | None = None) -> Snapshot | None:
+    """The newest snapshot with step ≤ at_most that passes its hash check; damaged ones are set aside."""
+    good, damage = scan_snapshots(run_dir)
+    for d in damage:
+        set_aside(d, notes)
+    return next((snap for snap in good if snap.step <= at_most), None)
+
+
+@dataclass
+class Recovery:
+    """What a resume starts from: the steps both logs hold intact, and the newest verified snapshot
+    at or before them (None: the base weights, replayed from step 0)."""
+    steps: int
+    snapshot: Snapshot | None
+    runs: pa.Table
+    updates: pa.Table
+    notes: list[str] = field(default_factory=list)  # what was set aside, for the user
+
+    def replay(self, start: int, stop: int) -> list[UpdateMessage]:
+        """U_start … U_(stop−1)."""
+        return messages(self.updates, start)[:stop - start]
+
+    def expected_hashes(self) -> dict[int, str]:
+        """θ hashes that a replay must meet, keyed by the step they precede."""
+        return recorded_hashes(self.runs)
+
+    def allocator_state(self, step: int) -> list[float] | None:
+        """The allocator's state before `step` (None at 0: a fresh allocator)."""
+        return self.runs.column("allocator_state")[step - 1].as_py() if step else None
+
+
+def recover(run_dir: str | Path) -> Recovery:
+    """Read both logs, set aside what cannot be trusted, and cut them to the steps both hold."""
+    notes: list[str] = []
+    runs, updates = read_log(run_dir, "run_log", notes), read_log(run_dir, "updates", notes)
+    steps = min(runs.num_rows, updates.num_rows)  # a step counts when both logs have it
+    for sub in SCHEMAS:
+        truncate_log(run_dir, sub, steps)
+    snapshot = latest_snapshot(run_dir, steps, notes)
+    return Recovery(steps, snapshot, runs.slice(0, steps), updates.slice(0, steps), notes)
+
+
+def content_hash(tensors: dict[str, np.ndarray]) -> str:
+    """SHA-256 over a state dict's names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        value = np.ascontiguousarray(tensors[name])
+        h.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
+
+
+def save_model(run_dir: str | Path, state: dict[str, np.ndarray], step: int, theta_hash: str) -> Path:
+    """model.safetensors, carrying θ's hash (the last snapshot's and run log's) and its own content hash."""
+    path = Path(run_dir) / "model.safetensors"
+    meta = {"format": "flops_dist.model.v1", "step": str(step), "hash": theta_hash,
+            "content_sha256": content_hash(state)}
+    write_atomically(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
+    return path
+
+
+def check_model(path: Path) -> tuple[dict[str, str], str]:
+    """The final model's metadata, and what is wrong with it ("" when nothing)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "np") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as e:
+        return {}, f"unreadable: {type(e).__name__}: {e}"
+    if meta.get("format") != "flops_dist.model.v1":
+        return meta, "not a flops_dist model (no format, step and hash in its metadata)"
+    if content_hash(tensors) != meta.get("content_sha256"):
+        return meta, "its tensors do not match the content hash stored with them"
+    return meta, ""

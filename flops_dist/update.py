@@ -84,7 +84,12 @@ def apply_update(theta: torch.Tensor, state: dict[str, torch.Tensor], msg: Updat
 
 def parameter_hash(theta: torch.Tensor, state: dict[str, torch.Tensor]) -> str:
     """SHA-256 of θ's and the optimizer state's bytes: equal hashes mean bit-identical replicas."""
-    h = hashlib.sha256(theta.detach().cpu().numpy().tobytes())
+    return state_hash(theta.detach().cpu().numpy(), {k: v.detach().cpu().numpy() for k, v in state.items()})
+
+
+def state_hash(theta: np.ndarray, state: dict[str, np.ndarray]) -> str:
+    """parameter_hash of arrays, e.g. a snapshot's as read from disk: θ, then the state by name."""
+    h = hashlib.sha256(np.ascontiguousarray(theta).tobytes())
     for key in sorted(state):
-        h.update(state[key].detach().cpu().numpy().tobytes())
+        h.update(np.ascontiguousarray(state[key]).tobytes())
     return h.hexdigest()

@@ -44,6 +44,9 @@ class Worker:
     def restore(self, tensors, step: int, messages) -> str:
         return self.replica.restore(tensors, step, messages)
 
+    def replay(self, messages) -> str:
+        return self.replica.replay(messages)
+
     def state_dict(self):
         return self.replica.state_dict()
 

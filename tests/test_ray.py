@@ -106,9 +106,10 @@ def test_run_log_update_log_and_model_files(tmp_path):
     assert 0.0 <= result.metric_before <= 1.0 and 0.0 <= result.metric_after <= 1.0
 
 
-def start_coordinator(cfg):
+def start_coordinator(cfg, test=None):
     ship_by_value(build_mlp(), cross_entropy)
-    refs = {"model": ray.put(build_mlp()), "loss_fn": ray.put(cross_entropy), "train": ray.put(blobs()), "test": None}
+    refs = {"model": ray.put(build_mlp()), "loss_fn": ray.put(cross_entropy), "train": ray.put(blobs()),
+            "test": None if test is None else ray.put(test)}
     return RemoteCoordinator.options(num_cpus=0).remote(cfg, refs, len(blobs()))
 
 
@@ -145,6 +146,36 @@ def test_a_worker_killed_mid_run_is_replaced_and_changes_nothing(tmp_path, how):
         records = ray.get(coordinator.run.remote(9))
         assert records[-1]["workers_lost"] == 1 and records[-1]["worker_restarts"] == 1
         assert records[-1]["workers_alive"] == 2  # the replacement passed its hash check
+        theta = final_theta(coordinator)
+    finally:
+        ray.kill(coordinator)
+    assert torch.equal(theta, reference_theta(cfg))
+
+
+def test_a_worker_killed_in_the_final_phase_changes_nothing(tmp_path):
+    # the final hash check, snapshot, scoring and export go to whichever replica is alive
+    cfg = make_config(tmp_path, steps=10)
+    coordinator = start_coordinator(cfg, test=blobs(60, seed=1))
+    try:
+        ray.get(coordinator.run.remote(10))
+        ray.kill(ray.get(coordinator.worker_handles.remote())[0], no_restart=True)
+        assert 0.0 <= ray.get(coordinator.score.remote()) <= 1.0
+        theta = final_theta(coordinator)
+    finally:
+        ray.kill(coordinator)
+    assert torch.equal(theta, reference_theta(cfg))
+
+
+def test_every_worker_killed_at_once_is_replaced_from_the_snapshot(tmp_path):
+    cfg = make_config(tmp_path, steps=12)
+    cfg.output.snapshot_every = 4
+    coordinator = start_coordinator(cfg)
+    try:
+        ray.get(coordinator.run.remote(6))
+        for worker in ray.get(coordinator.worker_handles.remote()):
+            ray.kill(worker, no_restart=True)
+        records = ray.get(coordinator.run.remote(6))
+        assert records[-1]["workers_lost"] == 2 and records[-1]["workers_alive"] == 2
         theta = final_theta(coordinator)
     finally:
         ray.kill(coordinator)
