@@ -24,10 +24,10 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from torch import nn
 
-from .blackbox import FrozenModelLoss
 from .config import Config, ConfigError
 from .coordinator import RemoteCoordinator
 from .data import ArrayDataset, DataError, load_dataset, table_to_arrays
+from .losses import as_loss
 from .replica import Replica, ReplicaSpec
 from .runlog import check_run_dir, read_log
 from .sharding import chunk_examples, plan_queries
@@ -116,11 +116,10 @@ def preflight(model: nn.Module, loss_fn, dataset: ArrayDataset, cfg: Config) -> 
     import copy
     t = cfg.train
     sample = ArrayDataset(dataset.inputs[:t.chunk_size], dataset.labels[:t.chunk_size])
-    if isinstance(loss_fn, FrozenModelLoss):
-        try:
-            loss_fn.ensure_loaded(torch.device("cpu"))
-        except Exception as e:
-            raise TrainingError(f"model.loss: the frozen model failed to load: {type(e).__name__}: {e}") from None
+    try:
+        as_loss(loss_fn).ensure_loaded(torch.device("cpu"))
+    except Exception as e:
+        raise TrainingError(f"model.loss: the frozen model failed to load: {type(e).__name__}: {e}") from None
     try:
         spec = ReplicaSpec(include=cfg.target.include, embedding_module=cfg.target.embedding_module,
                            sigma=t.sigma, noise=t.noise, optimizer=t.optimizer_config(),

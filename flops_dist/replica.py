@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .blackbox import FrozenModelLoss
 from .data import ArrayDataset
+from .losses import as_loss
 from .sharding import QueryChunks
 from .targets import PerturbedForward, Target
 from .update import OptimizerConfig, UpdateMessage, apply_update, init_optimizer_state, parameter_hash
@@ -52,12 +52,12 @@ class Replica:
         self.spec = spec
         self.device = pick_device(spec.device)
         self.model = model.to(self.device).eval()
-        if isinstance(loss_fn, FrozenModelLoss):
-            loss_fn.ensure_loaded(self.device)  # the frozen model, once per replica
+        loss = as_loss(loss_fn)
+        loss.ensure_loaded(self.device)  # a frozen model behind the target: once per replica
         self.target = Target.select(self.model, spec.include)
         self.theta = self.target.flatten(self.model).to(self.device)
         self.opt_state = init_optimizer_state(spec.optimizer, self.target.numel, self.device)
-        self.forward = PerturbedForward(self.model, self.target, loss_fn, spec.sigma, spec.noise,
+        self.forward = PerturbedForward(self.model, self.target, loss, spec.sigma, spec.noise,
                                         self.device, spec.embedding_module or None)
         self.inputs = torch.tensor(dataset.inputs, device=self.device)
         self.labels = torch.tensor(dataset.labels, device=self.device)

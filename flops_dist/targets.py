@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from .blackbox import FrozenModelLoss
+from .losses import losses_and_embeddings
 from .noise import noise, noise_batch
 
 
@@ -62,19 +62,17 @@ class Target:
 
 class PerturbedForward:
     """Losses of a model at θ, at one perturbation θ + σ·sign·u(seed) over a batch (shared noise),
-    or at one perturbation per example (independent noise, vmapped).
+    or at one perturbation per example (independent noise). `loss` follows the protocol of
+    losses.py; under independent noise only the model runs under vmap, and the loss gets the chunk's
+    outputs as one plain batch (a frozen model behind a black-box target is never vmapped)."""
 
-    With a `FrozenModelLoss` the model is a black-box target: only the target runs under vmap, and
-    the frozen model gets the chunk's (example, target output) pairs as one plain batch."""
-
-    def __init__(self, model: nn.Module, target: Target, loss_fn, sigma: float, noise_kind: str,
+    def __init__(self, model: nn.Module, target: Target, loss, sigma: float, noise_kind: str,
                  device: torch.device, embedding_module: str | None = None):
-        self.model, self.target, self.loss_fn = model, target, loss_fn
+        self.model, self.target, self.loss = model, target, loss
         self.sigma, self.noise_kind, self.device = sigma, noise_kind, device
         # non-target parameters and buffers are passed as they are, never copied per query
         self.frozen = {n: p.detach() for n, p in model.named_parameters() if n not in target.names}
         self.frozen.update(dict(model.named_buffers()))
-        self.black_box = isinstance(loss_fn, FrozenModelLoss)
         self.embedding_module = embedding_module
         if embedding_module is not None and embedding_module not in dict(model.named_modules()):
             raise ValueError(f"embedding module {embedding_module!r} is not a submodule of the model")
@@ -83,25 +81,17 @@ class PerturbedForward:
         return functional_call(self.model, {**self.frozen, **self.target.unflatten(flat_theta)}, (inputs,))
 
     def losses(self, outputs, inputs, labels) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-example losses of model outputs, and the black box's embeddings where it gives them."""
-        if not self.black_box:
-            return self.loss_fn(outputs, labels), None
-        result = self.loss_fn(outputs, inputs, labels)
-        return result if isinstance(result, tuple) else (result, None)
+        """Per-example losses of model outputs, and the loss's own embeddings where it gives them."""
+        return losses_and_embeddings(self.loss, outputs, inputs, labels)
 
     def scores(self, outputs, inputs) -> torch.Tensor:
-        """Class scores for the accuracy metric: the model's outputs, or the black box's scores."""
-        return self.loss_fn.scores(outputs, inputs) if self.black_box else outputs
+        """Class scores for the accuracy metric."""
+        return self.loss.scores(outputs, inputs)
 
     @torch.no_grad()
     def clean(self, theta, inputs, labels) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-example losses at θ and embeddings (the black box's embeddings, the embedding
-        module's output, token-averaged, or the model's output when none is named)."""
-        if self.black_box:
-            outputs = self.call(theta, inputs)
-            losses, emb = self.losses(outputs, inputs, labels)
-            emb = outputs.reshape(len(labels), -1) if emb is None else emb
-            return losses.float(), emb.float()
+        """Per-example losses at θ and embeddings: the loss's own, else the embedding module's
+        output, else the model's output; token-averaged where they have a token axis."""
         captured = []
         handle = None
         if self.embedding_module is not None:
@@ -112,9 +102,11 @@ class PerturbedForward:
         finally:
             if handle is not None:
                 handle.remove()
-        emb = captured[0] if captured else outputs
-        emb = emb.float().reshape(emb.shape[0], -1, emb.shape[-1]).mean(1) if emb.dim() > 2 else emb.float()
-        return self.loss_fn(outputs, labels).float(), emb
+        losses, emb = self.losses(outputs, inputs, labels)
+        if emb is None:
+            emb = captured[0] if captured else outputs
+            emb = emb.reshape(emb.shape[0], -1, emb.shape[-1]).mean(1) if emb.dim() > 2 else emb
+        return losses.float(), emb.float()
 
     @torch.no_grad()
     def shared(self, theta, seed: int, sign: int, inputs, labels) -> torch.Tensor:
@@ -126,11 +118,5 @@ class PerturbedForward:
         u = noise_batch(seeds, self.target.numel, self.noise_kind, device=self.device)
         signs = torch.tensor(signs, dtype=torch.float32, device=self.device).reshape(-1, 1)
         thetas = theta + (self.sigma * signs) * u
-        if self.black_box:
-            outputs = vmap(lambda flat, x: self.call(flat, x.unsqueeze(0))[0])(thetas, inputs)
-            return self.losses(outputs, inputs, labels)[0].float()
-
-        def one(flat, x, y):
-            return self.loss_fn(self.call(flat, x.unsqueeze(0)), y.unsqueeze(0))[0]
-
-        return vmap(one)(thetas, inputs, labels).float()
+        outputs = vmap(lambda flat, x: self.call(flat, x.unsqueeze(0))[0])(thetas, inputs)
+        return self.losses(outputs, inputs, labels)[0].float()

@@ -3,7 +3,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from flops_dist.blackbox import FrozenModelLoss, Projection
+from flops_dist.apps.targets import Projection
+from flops_dist.losses import FrozenModelLoss
 from flops_dist.data import ArrayDataset
 
 

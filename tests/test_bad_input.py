@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flops_dist.api import TrainingError, as_dataset, preflight
-from flops_dist.blackbox import FrozenModelLoss
+from flops_dist.losses import FrozenModelLoss
 from flops_dist.config import Config, ConfigError
 from flops_dist.data import DataError, load_dataset
 from models import FrozenNetLoss, blobs, build_mlp, build_projection, cross_entropy

@@ -4,7 +4,7 @@ import pickle
 import numpy as np
 import torch
 
-from flops_dist.blackbox import PromptCode, SoftPrompt
+from flops_dist.apps.targets import PromptCode, SoftPrompt
 from flops_dist.config import TrainConfig
 from flops_dist.engine import Engine, LocalExecutor
 from flops_dist.noise import noise_batch

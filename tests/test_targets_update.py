@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from flops_dist.noise import noise
+from flops_dist.losses import as_loss
 from flops_dist.targets import PerturbedForward, Target
 from flops_dist.update import (OptimizerConfig, UpdateMessage, apply_update, init_optimizer_state,
                                parameter_hash, reconstruct_gradient)
@@ -28,7 +29,7 @@ def test_perturbed_forwards_leave_theta_and_the_module_bit_exact():
     target = Target.select(model, "all")
     theta = target.flatten(model)
     theta_copy = theta.clone()
-    fwd = PerturbedForward(model, target, cross_entropy, 0.1, "gaussian", torch.device("cpu"))
+    fwd = PerturbedForward(model, target, as_loss(cross_entropy), 0.1, "gaussian", torch.device("cpu"))
     data = blobs(16)
     x, y = torch.from_numpy(data.inputs), torch.from_numpy(data.labels)
     for _ in range(3):
@@ -42,7 +43,7 @@ def test_independent_queries_equal_one_forward_per_perturbation():
     model = build_mlp()
     target = Target.select(model, "2")
     theta = target.flatten(model)
-    fwd = PerturbedForward(model, target, cross_entropy, 0.05, "rademacher", torch.device("cpu"))
+    fwd = PerturbedForward(model, target, as_loss(cross_entropy), 0.05, "rademacher", torch.device("cpu"))
     data = blobs(8)
     x, y = torch.from_numpy(data.inputs), torch.from_numpy(data.labels)
     seeds, signs = np.arange(100, 108), np.array([1, -1] * 4)

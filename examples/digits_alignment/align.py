@@ -8,8 +8,8 @@ projection W (384 × FEATURES); an image is retrieved to the label text of highe
 """
 from torch import nn
 
-from flops_dist.blackbox import Projection
-from flops_dist.minilm import AlignmentLoss
+from flops_dist.apps.targets import Projection
+from flops_dist.apps.minilm import AlignmentLoss
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 LABEL_TEXTS = [f"a handwritten digit {name}" for name in NAMES]

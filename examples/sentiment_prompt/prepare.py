@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flops_dist.minilm import tokenize
+from flops_dist.apps.minilm import tokenize
 
 LABELS = ("negative", "positive")
 MAX_TOKENS = 32

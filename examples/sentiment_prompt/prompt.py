@@ -5,8 +5,8 @@ classified by the cosine of its prompted sentence embedding to the embeddings of
 Two targets: the soft prompt itself (p × 384 values) or a 32-dimensional code z mapped to the
 prompt by a fixed random projection.
 """
-from flops_dist.blackbox import PromptCode, SoftPrompt
-from flops_dist.minilm import PromptClassifierLoss, word_embeddings
+from flops_dist.apps.targets import PromptCode, SoftPrompt
+from flops_dist.apps.minilm import PromptClassifierLoss, word_embeddings
 
 LABEL_TEXTS = ["a negative, unhappy message", "a positive, happy message"]
 INIT_PROMPT = "the mood of this message:"

