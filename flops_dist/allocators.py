@@ -4,6 +4,10 @@ The objective is V(A) = Σ_j c_j / A_j (the trace of the batch estimator's varia
 its continuous optimum is Neyman allocation A_j ∝ √c_j. Allocations are counted in *units*: a
 query for the lr estimator, a (+, −) pair for the antithetic one.
 
+Every allocator is ask/tell: `allocate(features, budget, a_min, rng) -> (allocation, ask)` and
+`learn(ask, c_hat)`, where the ask carries what allocate drew. Everything learning changes is in
+the allocator's `state`, a small dataclass (None for those that do not learn), logged every step.
+
 Allocators:
 - uniform:   A_j = N / B.
 - neyman:    A_min pilot units each, then A ∝ √ĉ_pilot: an adaptive oracle with no learning.
@@ -101,23 +105,24 @@ def standardize(x: np.ndarray) -> np.ndarray:
 class UniformAllocator:
     name = "uniform"
     pilot_units = 0
+    state = None  # nothing is learned
 
     def allocate(self, features: BatchFeatures, budget: int, a_min: int, rng: np.random.Generator):
+        return self.allocation(features, budget, a_min, rng), None
+
+    def allocation(self, features: BatchFeatures, budget: int, a_min: int, rng: np.random.Generator):
         return project_to_budget(np.ones(len(features.losses)), budget, a_min)
 
-    def learn(self, c_hat: np.ndarray) -> None:
+    def learn(self, ask, c_hat: np.ndarray) -> None:
         """Nothing to learn."""
 
     def parameters(self) -> dict[str, float]:
         return {}
 
-    def state(self) -> list[float]:
-        """Everything learn() changes, as floats: logged every step so a run resumes exactly."""
-        return []
-
-    def load_state(self, state: list[float]) -> None:
-        if state:
-            raise ValueError(f"{self.name} allocator has no state, got {len(state)} values")
+    def load_state(self, saved: dict | None) -> None:
+        """The state as logged (a dict of its fields), or None."""
+        if saved is not None:
+            raise ValueError(f"the {self.name} allocator learns nothing, but the log holds a learned state")
 
 
 class NeymanAllocator(UniformAllocator):
@@ -128,7 +133,7 @@ class NeymanAllocator(UniformAllocator):
     def __init__(self, pilot_units: int):
         self.pilot_units = pilot_units
 
-    def allocate(self, features, budget, a_min, rng):
+    def allocation(self, features, budget, a_min, rng):
         if features.pilot_c_hat is None:
             raise ValueError("neyman allocation needs the pilot's variance estimates")
         c = np.nan_to_num(features.pilot_c_hat, nan=0.0)
@@ -138,10 +143,47 @@ class NeymanAllocator(UniformAllocator):
 class BernoulliAllocator(UniformAllocator):
     name = "bernoulli"
 
-    def allocate(self, features, budget, a_min, rng):
+    def allocation(self, features, budget, a_min, rng):
         phi = standardize(features.losses)
         halve = (phi < 0) & (rng.random(len(phi)) < 0.5)
         return project_to_budget(np.where(halve, 0.5, 1.0), budget, a_min)
+
+
+@dataclass(frozen=True)
+class LambdaState:
+    """λ = (β0, β1, log s, log γ) and the Adam moments learn() keeps for it."""
+    beta0: float
+    beta1: float
+    log_s: float
+    log_gamma: float
+    adam_step: float = 0.0
+    adam_m: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
+    adam_v: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
+
+    @property
+    def raw(self) -> list[float]:
+        return [self.beta0, self.beta1, self.log_s, self.log_gamma]
+
+
+@dataclass(frozen=True)
+class GaussianAsk:
+    """What allocate() drew and learn() reuses: the standardised losses Φ̃, the unit embeddings,
+    the kernel's random features, and the rng, whose stream learn() continues."""
+    phi: torch.Tensor
+    unit: torch.Tensor | None
+    omega: torch.Tensor | None
+    phase: torch.Tensor | None
+    budget: int
+    a_min: int
+    rng: np.random.Generator
+
+
+def random_features(unit, omega, phase, log_gamma):
+    """Z with (ZZᵀ)_ij ≈ exp(−‖ê_i − ê_j‖²/(4γ²)) = exp(−(1 − cos)/(2γ²)); None without embeddings."""
+    if unit is None:
+        return None
+    proj = unit @ omega / (math.sqrt(2.0) * torch.exp(log_gamma))
+    return math.sqrt(2.0 / omega.shape[1]) * torch.cos(proj + phase)
 
 
 class GaussianAllocator:
@@ -151,7 +193,7 @@ class GaussianAllocator:
     for unit embeddings ê (1 − cos = ‖ê_i − ê_j‖²/2), and a small nugget η keeps the density proper:
         K = s² ((1 − η) ZZᵀ + η I).
     log p(x | λ) then costs O(B R²) through the Woodbury identity and the determinant lemma.
-    Without embeddings, K = s² I.
+    Without embeddings, K = s² I. The object holds hyperparameters and `state` (a LambdaState).
     """
     name = "flops"
     pilot_units = 0
@@ -159,43 +201,20 @@ class GaussianAllocator:
     def __init__(self, beta0: float = 1.0, beta1: float = 1.0, scale: float = 0.3,
                  lengthscale: float = 0.5, learning_rate: float = 0.05, candidates: int = 16,
                  features: int = 64, nugget: float = 0.05):
-        self.raw = torch.tensor([beta0, beta1, math.log(scale), math.log(lengthscale)],
-                                dtype=torch.float64, requires_grad=True)
-        self.optimizer = torch.optim.Adam([self.raw], lr=learning_rate) if learning_rate > 0 else None
+        self.state = LambdaState(beta0, beta1, math.log(scale), math.log(lengthscale))
+        self.learning_rate = learning_rate  # 0 freezes λ
         self.candidates = candidates
         self.n_features = features
         self.nugget = nugget
-        self._context = None
 
     def parameters(self) -> dict[str, float]:
-        b0, b1, log_s, log_g = self.raw.detach().tolist()
-        return {"beta0": b0, "beta1": b1, "s": math.exp(log_s), "gamma": math.exp(log_g)}
+        s = self.state
+        return {"beta0": s.beta0, "beta1": s.beta1, "s": math.exp(s.log_s), "gamma": math.exp(s.log_gamma)}
 
-    def state(self) -> list[float]:
-        """λ (raw), then Adam's step, first and second moments for λ."""
-        values = self.raw.detach().tolist()
-        if self.optimizer is not None:
-            adam = self.optimizer.state.get(self.raw, {})
-            if adam:
-                values += [float(adam["step"])] + adam["exp_avg"].tolist() + adam["exp_avg_sq"].tolist()
-        return values
-
-    def load_state(self, state: list[float]) -> None:
-        if len(state) not in (4, 13):
-            raise ValueError(f"flops allocator state has 4 or 13 values, got {len(state)}")
-        with torch.no_grad():
-            self.raw.copy_(torch.tensor(state[:4], dtype=torch.float64))
-        if len(state) == 13 and self.optimizer is not None:
-            self.optimizer.state[self.raw] = {
-                "step": torch.tensor(state[4], dtype=torch.float32),
-                "exp_avg": torch.tensor(state[5:9], dtype=torch.float64),
-                "exp_avg_sq": torch.tensor(state[9:13], dtype=torch.float64)}
-
-    def _features(self, unit_embeddings, omega, phase, log_gamma):
-        if unit_embeddings is None:
-            return None
-        proj = unit_embeddings @ omega / (math.sqrt(2.0) * torch.exp(log_gamma))
-        return math.sqrt(2.0 / omega.shape[1]) * torch.cos(proj + phase)
+    def load_state(self, saved: dict | None) -> None:
+        """The state as logged (a dict of LambdaState's fields); None keeps the initial one."""
+        if saved is not None:
+            self.state = LambdaState(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
 
     def _sample(self, mu, z, log_s, rng: np.random.Generator, count: int) -> torch.Tensor:
         batch = mu.shape[0]
@@ -208,29 +227,25 @@ class GaussianAllocator:
 
     def allocate(self, features, budget, a_min, rng):
         phi = torch.from_numpy(standardize(features.losses))
-        unit = None
-        omega = phase = None
+        unit = omega = phase = None
         if features.embeddings is not None:
             e = torch.as_tensor(np.asarray(features.embeddings, np.float64)).reshape(len(phi), -1)
             unit = e / e.norm(dim=1, keepdim=True).clamp_min(1e-12)
             omega = torch.from_numpy(rng.standard_normal((unit.shape[1], self.n_features)))
             phase = torch.from_numpy(rng.uniform(0.0, 2.0 * math.pi, self.n_features))
-        with torch.no_grad():
-            b0, b1, log_s, log_g = self.raw
-            z = self._features(unit, omega, phase, log_g)
-            x = self._sample(b0 + b1 * phi, z, log_s, rng, 1)[0]
-        self._context = (phi, unit, omega, phase, budget, a_min, rng)
-        return project_to_budget(x.numpy(), budget, a_min)
+        b0, b1, log_s, log_g = torch.tensor(self.state.raw, dtype=torch.float64)
+        x = self._sample(b0 + b1 * phi, random_features(unit, omega, phase, log_g), log_s, rng, 1)[0]
+        return project_to_budget(x.numpy(), budget, a_min), GaussianAsk(phi, unit, omega, phase, budget, a_min, rng)
 
-    def log_prob(self, x: torch.Tensor, phi, unit, omega, phase) -> torch.Tensor:
-        """log p(x | λ) for rows of x [M, B], differentiable in λ."""
-        b0, b1, log_s, log_g = self.raw
+    def log_prob(self, x: torch.Tensor, phi, unit, omega, phase, raw: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(x | λ) for rows of x [M, B], differentiable in `raw` (λ; the state's by default)."""
+        b0, b1, log_s, log_g = torch.tensor(self.state.raw, dtype=torch.float64) if raw is None else raw
         r = x - (b0 + b1 * phi)
         batch = r.shape[1]
         s2_eta = torch.exp(2 * log_s) * self.nugget
         quad = (r * r).sum(1)
         logdet = batch * torch.log(s2_eta)
-        z = self._features(unit, omega, phase, log_g)
+        z = random_features(unit, omega, phase, log_g)
         if z is not None:
             ratio = (1 - self.nugget) / self.nugget
             inner = torch.eye(z.shape[1], dtype=z.dtype) + ratio * z.T @ z
@@ -241,25 +256,34 @@ class GaussianAllocator:
             logdet = logdet + 2 * torch.log(torch.diagonal(chol)).sum()
         return -0.5 * (quad / s2_eta + logdet + batch * math.log(2 * math.pi))
 
-    def learn(self, c_hat: np.ndarray) -> None:
+    def learn(self, ask: GaussianAsk, c_hat: np.ndarray) -> None:
         """One likelihood-ratio step on λ: ∇E[J] ≈ (1/M) Σ_m (J_m − b_m) ∇ log p(x_m | λ), with the
         leave-one-out baseline b_m, and advantages divided by mean J so the step is scale-free."""
-        if self.optimizer is None or self._context is None:
-            return
-        phi, unit, omega, phase, budget, a_min, rng = self._context
         c = np.nan_to_num(np.asarray(c_hat, np.float64), nan=0.0)
-        if not np.any(c > 0):
+        if self.learning_rate <= 0 or not np.any(c > 0):
             return
+        raw = torch.tensor(self.state.raw, dtype=torch.float64, requires_grad=True)
         with torch.no_grad():
-            z = self._features(unit, omega, phase, self.raw[3])
-            x = self._sample(self.raw[0] + self.raw[1] * phi, z, self.raw[2], rng, self.candidates)
-        j = np.array([variance_objective(c, project_to_budget(row, budget, a_min)) for row in x.numpy()])
-        m = len(j)
-        baseline = (j.sum() - j) / (m - 1)
+            z = random_features(ask.unit, ask.omega, ask.phase, raw[3])
+            x = self._sample(raw[0] + raw[1] * ask.phi, z, raw[2], ask.rng, self.candidates)
+        j = np.array([variance_objective(c, project_to_budget(row, ask.budget, ask.a_min)) for row in x.numpy()])
+        baseline = (j.sum() - j) / (len(j) - 1)
         advantage = torch.from_numpy((j - baseline) / j.mean())
-        self.optimizer.zero_grad()
-        (advantage * self.log_prob(x, phi, unit, omega, phase)).mean().backward()
-        self.optimizer.step()
+        optimizer = self._adam(raw)
+        (advantage * self.log_prob(x, ask.phi, ask.unit, ask.omega, ask.phase, raw)).mean().backward()
+        optimizer.step()
+        moments = optimizer.state[raw]
+        self.state = LambdaState(*raw.detach().tolist(), float(moments["step"]),
+                                 tuple(moments["exp_avg"].tolist()), tuple(moments["exp_avg_sq"].tolist()))
+
+    def _adam(self, raw: torch.Tensor) -> torch.optim.Adam:
+        """torch's Adam over λ, resumed from the moments in the state."""
+        optimizer = torch.optim.Adam([raw], lr=self.learning_rate)
+        if self.state.adam_step:
+            optimizer.state[raw] = {"step": torch.tensor(self.state.adam_step, dtype=torch.float32),
+                                    "exp_avg": torch.tensor(self.state.adam_m, dtype=torch.float64),
+                                    "exp_avg_sq": torch.tensor(self.state.adam_v, dtype=torch.float64)}
+        return optimizer
 
 
 def make_allocator(name: str, *, pilot_units: int = 1, learning_rate: float = 0.05,

@@ -371,7 +371,7 @@ class Coordinator:
                     self.executor.workers_lost > self.restarts or self.step % self.cfg.cluster.rescale_every == 0):
                 self._fill_workers()
             outcome = self._step()
-            self.writer.append(outcome.record, outcome.message, outcome.allocation, self.engine.allocator.state())
+            self.writer.append(outcome.record, outcome.message, outcome.allocation, self.engine.allocator.state)
             self.messages_since_snapshot.append(outcome.message)
             alive = len(self.executor.workers)
             self.metrics.record(outcome.record, self.executor.query_rates.tolist(), alive)
@@ -389,11 +389,11 @@ class Coordinator:
     def _step(self):
         """Engine.step; if every worker dies in it, once more from the same allocator state on new
         workers made from the snapshot (the step's result does not depend on who computes it)."""
-        state = self.engine.allocator.state()
+        state = self.engine.allocator.state
         try:
             return self.engine.step(self.step)
         except AllWorkersLost:
-            self.engine.allocator.load_state(state)
+            self.engine.allocator.state = state
             self._replace_all()
             return self.engine.step(self.step)
 

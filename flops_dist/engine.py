@@ -118,12 +118,12 @@ class Engine:
         if pilot:
             rounds.append(self._evaluate(zeros, zeros + pilot, batch, seed_base))
             features.pilot_c_hat = estimate(rounds[0], clean, cfg.estimator, cfg.sigma, self.d, cfg.noise).c_hat
-        allocation = self.allocator.allocate(features, self.budget, self.a_min, alloc_rng)
+        allocation, ask = self.allocator.allocate(features, self.budget, self.a_min, alloc_rng)
         rounds.append(self._evaluate(zeros + pilot, allocation, batch, seed_base))
         queries = QueryLosses(*(np.concatenate([getattr(r, f) for r in rounds])
                                 for f in ("example", "seed", "sign", "loss")))
         est = estimate(queries, clean, cfg.estimator, cfg.sigma, self.d, cfg.noise)
-        self.allocator.learn(est.c_hat)
+        self.allocator.learn(ask, est.c_hat)
         msg = UpdateMessage(t, cfg.learning_rate, est.seeds, est.coefficients)
         self.executor.apply(msg)
         theta_hash = self.check_replicas(t) if cfg.hash_every and (t + 1) % cfg.hash_every == 0 else ""

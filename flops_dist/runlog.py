@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,9 @@ RUN_LOG_SCHEMA = pa.schema([
     ("allocation_gini", pa.float64()), ("variance_proxy", pa.float64()),
     ("lambda_beta0", pa.float64()), ("lambda_beta1", pa.float64()), ("lambda_s", pa.float64()),
     ("lambda_gamma", pa.float64()), ("update_bytes", pa.int64()), ("seconds", pa.float64()),
-    ("allocation", pa.list_(pa.int32())), ("allocator_state", pa.list_(pa.float64())),
+    ("allocation", pa.list_(pa.int32())),
+    ("allocator_state", pa.struct([(name, pa.float64()) for name in ("beta0", "beta1", "log_s", "log_gamma", "adam_step")]
+                                  + [("adam_m", pa.list_(pa.float64())), ("adam_v", pa.list_(pa.float64()))])),
     ("theta_hash", pa.string()),  # θ after this step's update, where the replicas were compared; else ""
     ("checksum", pa.string()),
 ])
@@ -115,9 +117,10 @@ class RunLogWriter:
         self._run_rows: list[dict] = []
         self._update_rows: list[dict] = []
 
-    def append(self, record: dict, msg: UpdateMessage, allocation: np.ndarray, allocator_state: list[float]) -> None:
+    def append(self, record: dict, msg: UpdateMessage, allocation: np.ndarray, allocator_state) -> None:
+        """One step's rows; `allocator_state` is the allocator's state dataclass after the step, or None."""
         self._run_rows.append({**record, "allocation": allocation.astype(np.int32).tolist(),
-                               "allocator_state": list(allocator_state),
+                               "allocator_state": None if allocator_state is None else asdict(allocator_state),
                                "theta_hash": record.get("theta_hash", "")})
         self._update_rows.append({"step": msg.step, "learning_rate": msg.learning_rate,
                                   "seeds": msg.seeds.tolist(), "coefficients": msg.coefficients.tolist()})
@@ -283,8 +286,8 @@ class Recovery:
         """θ hashes that a replay must meet, keyed by the step they precede."""
         return recorded_hashes(self.runs)
 
-    def allocator_state(self, step: int) -> list[float] | None:
-        """The allocator's state before `step` (None at 0: a fresh allocator)."""
+    def allocator_state(self, step: int) -> dict | None:
+        """The allocator's state before `step`, as logged (None at 0: a fresh allocator)."""
         return self.runs.column("allocator_state")[step - 1].as_py() if step else None
 
 

@@ -6,7 +6,8 @@ import torch
 
 from flops_dist.allocators import (BatchFeatures, BernoulliAllocator, GaussianAllocator, NeymanAllocator,
                                    UniformAllocator, make_allocator, optimal_integer_allocation,
-                                   project_to_budget, standardize, variance_objective, water_fill)
+                                   project_to_budget, random_features, standardize, variance_objective,
+                                   water_fill)
 
 
 def brute_force_optimum(c, budget, a_min):
@@ -63,13 +64,13 @@ def test_projection_rejects_a_budget_below_the_minimum():
 
 def test_uniform_gives_a0_to_everyone():
     f = BatchFeatures(np.random.default_rng(0).normal(size=16), None)
-    assert UniformAllocator().allocate(f, 16 * 6, 2, np.random.default_rng(0)).tolist() == [6] * 16
+    assert UniformAllocator().allocate(f, 16 * 6, 2, np.random.default_rng(0))[0].tolist() == [6] * 16
 
 
 def test_neyman_follows_the_pilot_variances():
     c = np.array([1.0, 4.0, 9.0, 0.0])
     f = BatchFeatures(np.zeros(4), None, pilot_c_hat=c)
-    alloc = NeymanAllocator(pilot_units=1).allocate(f, 4 + 12, 1, np.random.default_rng(0))
+    alloc = NeymanAllocator(pilot_units=1).allocate(f, 4 + 12, 1, np.random.default_rng(0))[0]
     assert alloc.tolist() == project_to_budget(np.sqrt(c), 16, 1).tolist()
     assert alloc[3] == 1 and alloc[2] > alloc[1] > alloc[0]
 
@@ -78,7 +79,7 @@ def test_bernoulli_only_ever_cuts_below_mean_examples():
     rng = np.random.default_rng(0)
     losses = np.linspace(0, 1, 32)
     for _ in range(20):
-        alloc = BernoulliAllocator().allocate(BatchFeatures(losses, None), 32 * 8, 2, rng)
+        alloc = BernoulliAllocator().allocate(BatchFeatures(losses, None), 32 * 8, 2, rng)[0]
         assert alloc.sum() == 32 * 8
         full = alloc.max()  # rounding may leave one unit less on some full-weight examples
         low, high = alloc[losses < losses.mean()], alloc[losses >= losses.mean()]
@@ -104,7 +105,7 @@ def test_gaussian_log_prob_matches_a_dense_multivariate_normal():
     phase = torch.from_numpy(rng.uniform(0, 2 * np.pi, 8))
     x = torch.from_numpy(rng.normal(size=(3, batch)))
     with torch.no_grad():
-        z = alloc._features(unit, omega, phase, alloc.raw[3])
+        z = random_features(unit, omega, phase, torch.tensor(alloc.state.log_gamma, dtype=torch.float64))
         cov = 0.7**2 * ((1 - alloc.nugget) * z @ z.T + alloc.nugget * torch.eye(batch, dtype=torch.float64))
         dense = torch.distributions.MultivariateNormal(1.2 + 0.4 * phi, covariance_matrix=cov).log_prob(x)
         assert torch.allclose(alloc.log_prob(x, phi, unit, omega, phase), dense, rtol=1e-9, atol=1e-9)
@@ -120,7 +121,7 @@ def test_gaussian_random_features_approximate_the_cosine_kernel():
     omega = torch.from_numpy(rng.normal(size=(6, 4096)))
     phase = torch.from_numpy(rng.uniform(0, 2 * np.pi, 4096))
     with torch.no_grad():
-        z = alloc._features(unit, omega, phase, alloc.raw[3])
+        z = random_features(unit, omega, phase, torch.tensor(alloc.state.log_gamma, dtype=torch.float64))
     exact = torch.exp(-(1 - unit @ unit.T) / (2 * 0.6**2))
     assert (z @ z.T - exact).abs().mean() < 3 / np.sqrt(4096)
 
@@ -129,7 +130,7 @@ def test_gaussian_allocations_are_integers_on_budget():
     rng = np.random.default_rng(0)
     alloc = GaussianAllocator()
     for batch in (1, 7, 256):
-        a = alloc.allocate(BatchFeatures(rng.normal(size=batch), rng.normal(size=(batch, 4))), batch * 8, 2, rng)
+        a = alloc.allocate(BatchFeatures(rng.normal(size=batch), rng.normal(size=(batch, 4))), batch * 8, 2, rng)[0]
         assert a.sum() == batch * 8 and a.min() >= 2
 
 
@@ -138,7 +139,7 @@ def test_gaussian_allocation_at_65536_examples_runs():
     rng = np.random.default_rng(0)
     batch = 65536
     a = GaussianAllocator().allocate(BatchFeatures(rng.normal(size=batch), rng.normal(size=(batch, 32))),
-                                     batch * 4, 1, rng)
+                                     batch * 4, 1, rng)[0]
     assert a.sum() == batch * 4
 
 
@@ -155,7 +156,7 @@ def mean_excess_variance(alloc, seed, budget, a_min, batches=40):
     ratios = []
     for _ in range(batches):
         f, c = synthetic_batch(rng)
-        a = alloc.allocate(f, budget, a_min, rng)
+        a = alloc.allocate(f, budget, a_min, rng)[0]
         ratios.append(variance_objective(c, a) / variance_objective(c, optimal_integer_allocation(c, budget, a_min)))
     return float(np.mean(ratios))
 
@@ -171,8 +172,8 @@ def test_flops_allocator_learns_towards_neyman_and_beats_uniform():
     rng = np.random.default_rng(0)
     for _ in range(250):
         f, c = synthetic_batch(rng)
-        a = learner.allocate(f, budget, a_min, rng)
-        learner.learn(c * rng.chisquare(a) / a)
+        a, ask = learner.allocate(f, budget, a_min, rng)
+        learner.learn(ask, c * rng.chisquare(a) / a)
     learned = mean_excess_variance(learner, 1, budget, a_min)
     assert uniform > 1.3 and frozen > uniform  # the starting point is worse than uniform
     assert learned < 1.04

@@ -91,7 +91,7 @@ def edit_coefficient(run_dir):
 
 def edit_allocator_state(run_dir):
     path = run_dir / "run_log" / "part-00000004-00000007.parquet"
-    edit_part(path, "allocator_state", lambda s: [s[0] + 1e-9] + s[1:])
+    edit_part(path, "allocator_state", lambda s: {**s, "beta0": s["beta0"] + 1e-9})
     return path
 
 
