@@ -18,12 +18,12 @@ import ray
 import torch
 
 from .config import Config
-from .engine import Engine
+from .engine import Engine, Executor
 from .metrics import RunMetrics
 from .replica import ReplicaSpec
 from .runlog import (SCHEMAS, Recovery, RunLogWriter, RunStateError, Snapshot, check_run_dir, parts_holding, recover,
                      save_model, save_snapshot, truncate_log)
-from .sharding import QueryChunks, assign_chunks, chunk_costs, gather_rows
+from .sharding import assign_chunks
 from .worker import RemoteWorker
 
 log = logging.getLogger("flops_dist")
@@ -33,49 +33,52 @@ class AllWorkersLost(RuntimeError):
     """No live worker is left to evaluate a step's queries."""
 
 
-class RayExecutor:
+class RayExecutor(Executor):
+    """Replicas in worker actors: one call per worker per phase, never one per query. Items are dealt
+    by cost and each worker's measured speed, and a worker that dies mid-phase has its items re-dealt
+    to the live ones. A queued update rides on the next phase call to every worker, saving a round
+    trip per step; `call_any` and `call_all` send it first."""
+
     def __init__(self, workers: list, noise_cost: float = 0.0):
         self.workers = list(workers)
         self.speeds = np.ones(len(workers))
         self.noise_cost = noise_cost
-        self.message = None
+        self.queued = None  # U_t that no worker has been sent yet
         self.workers_lost = 0
         self.query_rates = np.zeros(len(workers))  # queries per second in each worker's last evaluate
 
-    def _scatter(self, method: str, n_items: int, costs: np.ndarray, take, on_result, called=None) -> None:
-        """Deal items over live workers, call `method(*take(items))` once per worker, and re-deal the
-        items of any worker that died until every item has a result. `called` collects the workers
-        that were sent something."""
-        remaining = np.arange(n_items)
+    def _scatter(self, method: str, costs: np.ndarray, take, store) -> None:
+        update, self.queued = self.queued, None
+        remaining = np.arange(len(costs))
         while len(remaining):
             if not self.workers:
                 raise AllWorkersLost("every worker has died; no replica is left to evaluate queries")
-            calls = []
-            for w, idx in enumerate(assign_chunks(costs[remaining], self.speeds)):
-                if len(idx):
-                    items = remaining[idx]
-                    calls.append((w, items, getattr(self.workers[w], method).remote(*take(items))))
-                    if called is not None:
-                        called.add(id(self.workers[w]))
+            calls = [(w, remaining[idx], getattr(self.workers[w], method).remote(update, *take(remaining[idx])))
+                     for w, idx in enumerate(assign_chunks(costs[remaining], self.speeds))
+                     if len(idx) or update is not None]  # a worker dealt nothing still needs the update
             failed, dead = [], set()
             for w, items, ref in calls:
                 try:
-                    result = ray.get(ref)
+                    value, seconds = ray.get(ref)
                 except ray.exceptions.RayActorError as e:
                     log.warning("worker %d died during %s (%s); re-dealing its %d items",
                                 w, method, type(e).__name__, len(items))
                     failed.append(items)
                     dead.add(w)
                     continue
-                on_result(items, result)
-                seconds = result[-1]
-                if seconds > 0:  # throughput in cost units per second, smoothed
-                    rate = costs[items].sum() / seconds
-                    self.speeds[w] = rate if self.speeds[w] == 1.0 else 0.7 * self.speeds[w] + 0.3 * rate
-                    if method == "evaluate":
-                        self.query_rates[w] = result[0].size / seconds
+                if len(items):
+                    store(items, value)
+                    self._measure(w, method, costs[items].sum(), value, seconds)
             self._drop(dead)
             remaining = np.concatenate(failed) if failed else remaining[:0]
+
+    def _measure(self, w: int, method: str, cost: float, value, seconds: float) -> None:
+        """Throughput in cost units per second, smoothed: it steers the dealing, never the bits."""
+        if seconds > 0:
+            rate = cost / seconds
+            self.speeds[w] = rate if self.speeds[w] == 1.0 else 0.7 * self.speeds[w] + 0.3 * rate
+            if method == "evaluate":
+                self.query_rates[w] = value.size / seconds
 
     def _drop(self, dead: set[int]) -> None:
         if dead:
@@ -87,6 +90,7 @@ class RayExecutor:
 
     def call_all(self, method: str, *args) -> list:
         """`method` on every live worker; the dead are dropped, and at least one must answer."""
+        self.flush()
         refs = [getattr(w, method).remote(*args) for w in self.workers]
         results, dead = [], set()
         for w, ref in enumerate(refs):
@@ -102,6 +106,7 @@ class RayExecutor:
 
     def call_any(self, method: str, *args):
         """`method` on one live worker, falling back to the next when one dies."""
+        self.flush()
         while self.workers:
             try:
                 return ray.get(getattr(self.workers[0], method).remote(*args))
@@ -110,48 +115,18 @@ class RayExecutor:
                 self._drop({0})
         raise AllWorkersLost(f"every worker has died; none is left for {method}")
 
-    @staticmethod
-    def _send_update(workers: list, msg) -> None:
-        for ref in [w.apply.remote(msg) for w in workers]:
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayActorError:
-                pass  # a dead worker is removed when its next call fails
+    def queue_update(self, msg) -> None:
+        self.queued = msg
 
-    def deliver(self) -> None:
-        """Send the pending update to every worker now (it normally rides on the next clean forward)."""
-        if self.message is not None:
-            msg, self.message = self.message, None
-            self._send_update(self.workers, msg)
-
-    def clean_forward(self, rows: np.ndarray):
-        losses = np.empty(rows.shape, np.float32)
-        embeddings = {}
-        msg, self.message = self.message, None
-        called = set()
-
-        def store(items, result):
-            losses[items] = result[0]
-            embeddings[tuple(items)] = result[1]
-
-        self._scatter("clean_forward", len(rows), np.full(len(rows), float(rows.shape[1])),
-                      lambda items: (rows[items], msg), store, called)
-        if msg is not None:  # workers that got no rows still need the update
-            self._send_update([w for w in self.workers if id(w) not in called], msg)
-        return losses, gather_rows(len(rows), embeddings)
-
-    def evaluate(self, chunks: QueryChunks) -> np.ndarray:
-        losses = np.empty(chunks.examples.shape, np.float32)
-
-        def store(items, result):
-            losses[items] = result[0]
-
-        self._scatter("evaluate", len(chunks), chunk_costs(chunks, self.noise_cost),
-                      lambda items: (chunks.take(items),), store)
-        return losses
-
-    def apply(self, msg) -> None:
-        self.message = msg  # delivered with the next clean forward, saving a round trip per step
+    def flush(self) -> None:
+        """Send the queued update to every worker now; a dead worker is dropped at its next call."""
+        if self.queued is not None:
+            msg, self.queued = self.queued, None
+            for ref in [w.apply.remote(msg) for w in self.workers]:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    pass
 
     def add(self, worker) -> None:
         self.workers.append(worker)
@@ -159,7 +134,6 @@ class RayExecutor:
         self.query_rates = np.append(self.query_rates, 0.0)
 
     def hashes(self) -> list[str]:
-        self.deliver()
         return self.call_all("hash")
 
 
@@ -234,7 +208,6 @@ class Coordinator:
         """Bring a new worker to the current step from the last snapshot plus the update log, and
         admit it only if its parameter hash equals a live replica's (with none alive: the hash the
         replicas last agreed on, where that was at this step)."""
-        self.executor.deliver()
         try:
             new_hash = ray.get(worker.restore.remote(self.snapshot.tensors, self.snapshot.step,
                                                      self.messages_since_snapshot), timeout=timeout)
@@ -290,7 +263,6 @@ class Coordinator:
 
     # -- durable state ---------------------------------------------------------------------------
     def _take_snapshot(self) -> None:
-        self.executor.deliver()
         tensors, step, digest = self.executor.call_any("snapshot")
         assert step == self.step, (step, self.step)
         self.snapshot = Snapshot(step, tensors, digest)
@@ -359,7 +331,6 @@ class Coordinator:
     def score(self) -> float | None:
         if self.refs.get("test") is None:
             return None
-        self.executor.deliver()
         return self._surviving(self.executor.call_any, "score", self.refs["test"], self.cfg.data.metric)
 
     def run(self, steps: int) -> list[dict]:

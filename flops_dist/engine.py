@@ -9,6 +9,7 @@ them emulate workers, sharded exactly as Ray would); the Ray runtime has its own
 """
 from __future__ import annotations
 
+import abc
 import time
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ import numpy as np
 from .allocators import BatchFeatures, make_allocator, variance_objective
 from .config import TrainConfig
 from .estimators import QueryLosses, estimate
-from .sharding import QueryChunks, assign_chunks, chunk_examples, gather_rows, plan_queries
+from .sharding import QueryChunks, assign_chunks, chunk_costs, chunk_examples, gather_rows, plan_queries
 from .update import UpdateMessage
 
 
@@ -33,31 +34,59 @@ def gini(x: np.ndarray) -> float:
     return float(2.0 * np.sum(np.arange(1, n + 1) * x) / (n * x.sum()) - (n + 1) / n)
 
 
-class LocalExecutor:
-    """Runs the verbs on in-process replicas, dealing chunks over them like Ray workers."""
+class Executor(abc.ABC):
+    """The replica verbs over a set of replicas. Each phase's items (rows of examples, chunks of
+    queries) are dealt out whole and their results put back by item index, so the bits do not
+    depend on the dealing; subclasses say only how replicas are called (`_scatter`)."""
+    noise_cost = 0.0  # noise generation per seed, in forward-equivalents: the chunk cost model's weight
+
+    def clean_forward(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Losses [n, C] and embeddings [n, C, m] at θ for chunks of example indices."""
+        losses = np.empty(rows.shape, np.float32)
+        parts = {}
+
+        def store(items, value):
+            losses[items], parts[tuple(items)] = value
+
+        self._scatter("clean_forward", np.full(len(rows), float(rows.shape[1])), lambda items: (rows[items],), store)
+        return losses, gather_rows(len(rows), parts)
+
+    def evaluate(self, chunks: QueryChunks) -> np.ndarray:
+        """Losses [n, C] of the perturbed queries."""
+        losses = np.empty(chunks.examples.shape, np.float32)
+
+        def store(items, value):
+            losses[items] = value
+
+        self._scatter("evaluate", chunk_costs(chunks, self.noise_cost), lambda items: (chunks.take(items),), store)
+        return losses
+
+    @abc.abstractmethod
+    def _scatter(self, method: str, costs: np.ndarray, take, store) -> None:
+        """Call `method(*take(items))` on the replicas, each with the items dealt to it, and
+        `store(items, result)` for every one."""
+
+    @abc.abstractmethod
+    def queue_update(self, msg: UpdateMessage) -> None:
+        """Every replica applies U_t before anything else it is asked."""
+
+    @abc.abstractmethod
+    def hashes(self) -> list[str]:
+        """Every replica's parameter hash."""
+
+
+class LocalExecutor(Executor):
+    """In-process replicas, dealt chunks like Ray workers; an update is applied at once."""
 
     def __init__(self, replicas):
         self.replicas = list(replicas)
 
-    def _deal(self, n: int) -> list[np.ndarray]:
-        return assign_chunks(np.ones(n), np.ones(len(self.replicas)))
+    def _scatter(self, method, costs, take, store) -> None:
+        for replica, items in zip(self.replicas, assign_chunks(costs, np.ones(len(self.replicas)))):
+            if len(items):
+                store(items, getattr(replica, method)(*take(items)))
 
-    def clean_forward(self, rows: np.ndarray):
-        losses = np.empty(rows.shape, np.float32)
-        parts = {}
-        for replica, idx in zip(self.replicas, self._deal(len(rows))):
-            if len(idx):
-                losses[idx], parts[tuple(idx)] = replica.clean_forward(rows[idx])
-        return losses, gather_rows(len(rows), parts)
-
-    def evaluate(self, chunks: QueryChunks) -> np.ndarray:
-        losses = np.empty(chunks.examples.shape, np.float32)
-        for replica, idx in zip(self.replicas, self._deal(len(chunks))):
-            if len(idx):
-                losses[idx] = replica.evaluate(chunks.take(idx))
-        return losses
-
-    def apply(self, msg: UpdateMessage) -> None:
+    def queue_update(self, msg: UpdateMessage) -> None:
         for replica in self.replicas:
             replica.apply(msg)
 
@@ -125,7 +154,7 @@ class Engine:
         est = estimate(queries, clean, cfg.estimator, cfg.sigma, self.d, cfg.noise)
         self.allocator.learn(ask, est.c_hat)
         msg = UpdateMessage(t, cfg.learning_rate, est.seeds, est.coefficients)
-        self.executor.apply(msg)
+        self.executor.queue_update(msg)
         theta_hash = self.check_replicas(t) if cfg.hash_every and (t + 1) % cfg.hash_every == 0 else ""
         used = est.units_used > 0
         n_used = max(int(used.sum()), 1)

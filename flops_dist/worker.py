@@ -19,18 +19,20 @@ class Worker:
                 "pid": os.getpid(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                 "updates_applied": self.replica.updates_applied, "noise_cost": self.replica.noise_cost()}
 
-    def clean_forward(self, rows, msg=None):
-        """Apply the previous step's update, if given, then the clean forward: one call, not two."""
-        if msg is not None:
-            self.replica.apply(msg)
-        began = time.perf_counter()
-        losses, embeddings = self.replica.clean_forward(rows)
-        return losses, embeddings, time.perf_counter() - began
+    def clean_forward(self, update, rows):
+        """Apply the queued update, if any, then the clean forward: one call per step, not two."""
+        return self._timed(update, self.replica.clean_forward, rows)
 
-    def evaluate(self, chunks):
+    def evaluate(self, update, chunks):
+        return self._timed(update, self.replica.evaluate, chunks)
+
+    def _timed(self, update, verb, *args):
+        """(the verb's result, its seconds): the coordinator deals by measured throughput."""
+        if update is not None:
+            self.replica.apply(update)
         began = time.perf_counter()
-        losses = self.replica.evaluate(chunks)
-        return losses, time.perf_counter() - began
+        result = verb(*args)
+        return result, time.perf_counter() - began
 
     def apply(self, msg) -> None:
         self.replica.apply(msg)
