@@ -26,7 +26,7 @@ from torch import nn
 
 from .config import Config, ConfigError
 from .coordinator import RemoteCoordinator
-from .data import ArrayDataset, DataError, load_dataset, table_to_arrays
+from .data import ArrayDataset, DataError, ParquetSource, table_to_arrays
 from .losses import as_loss
 from .replica import Replica, ReplicaSpec
 from .runlog import check_run_dir, read_log
@@ -101,21 +101,22 @@ def build_model(cfg: Config) -> nn.Module:
     return model
 
 
-def as_dataset(data, cfg: Config, role: str) -> ArrayDataset:
-    if isinstance(data, ArrayDataset):
+def as_dataset(data, cfg: Config, role: str) -> ArrayDataset | ParquetSource:
+    """In memory as given (an ArrayDataset or a pyarrow Table), or a Parquet file, directory of parts
+    or glob, read a step's rows at a time."""
+    if isinstance(data, (ArrayDataset, ParquetSource)):
         return data
     if isinstance(data, pa.Table):
         return table_to_arrays(data, cfg.data.input_column, cfg.data.label_column, cfg.data.input_shape, role)
     if isinstance(data, (str, Path)):
-        return load_dataset(data, cfg.data.input_column, cfg.data.label_column, cfg.data.input_shape)
+        return ParquetSource(str(data), cfg.data.input_column, cfg.data.label_column, cfg.data.input_shape)
     raise DataError(f"{role}: expected an ArrayDataset, a pyarrow Table or a Parquet path, got {type(data).__name__}")
 
 
-def preflight(model: nn.Module, loss_fn, dataset: ArrayDataset, cfg: Config) -> None:
+def preflight(model: nn.Module, loss_fn, sample: ArrayDataset, cfg: Config) -> None:
     """One clean forward and one chunk of perturbed queries on a few examples, in this process."""
     import copy
     t = cfg.train
-    sample = ArrayDataset(dataset.inputs[:t.chunk_size], dataset.labels[:t.chunk_size])
     try:
         as_loss(loss_fn).ensure_loaded(torch.device("cpu"))
     except Exception as e:
@@ -138,7 +139,7 @@ def preflight(model: nn.Module, loss_fn, dataset: ArrayDataset, cfg: Config) -> 
             raise TrainingError(f"the loss function must return one loss per example (shape [{len(sample)}]), "
                                 f"got {shape}; check its reduction")
         rows, _ = chunk_examples(np.arange(len(sample)), t.chunk_size)
-        replica.clean_forward(rows)
+        replica.clean_forward(sample, rows)
         plan = plan_queries(np.zeros(len(sample), np.int64), np.ones(len(sample), np.int64), 1, t.unit,
                             t.pairing == "shared", t.chunk_size)
         replica.evaluate(plan.chunks.take(np.arange(1)))
@@ -181,18 +182,19 @@ def train(model: nn.Module, loss_fn, train_data, config: Config, test_data=None,
     test_set = as_dataset(test_data, cfg, "test data") if test_data is not None else None
     if cfg.train.batch_size > len(train_set):
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} exceeds the {len(train_set)} training examples")
-    preflight(model, loss_fn, train_set, cfg)
+    sample = train_set.rows(np.arange(min(cfg.train.chunk_size, len(train_set))))
+    preflight(model, loss_fn, sample, cfg)
     try:
         check_run_dir(cfg.output.run_dir)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     start_ray(cfg)
     ship_by_value(model, loss_fn)
-    refs = {"model": ray.put(model), "loss_fn": ray.put(loss_fn), "train": ray.put(train_set),
-            "test": ray.put(test_set) if test_set is not None else None}
+    refs = {"model": ray.put(model), "loss_fn": ray.put(loss_fn), "sample": ray.put(sample),
+            "train": ray.put(train_set), "test": ray.put(test_set) if test_set is not None else None}
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     coordinator = RemoteCoordinator.options(num_cpus=0, scheduling_strategy=here).remote(
-        cfg, refs, len(train_set), resume)
+        cfg, refs, resume)
     try:
         info = ray.get(coordinator.info.remote())
         devices = sorted({w["device"] for w in info["workers"]})

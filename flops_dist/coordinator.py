@@ -36,8 +36,8 @@ class AllWorkersLost(RuntimeError):
 class RayExecutor(Executor):
     """Replicas in worker actors: one call per worker per phase, never one per query. Items are dealt
     by cost and each worker's measured speed, and a worker that dies mid-phase has its items re-dealt
-    to the live ones. A queued update rides on the next phase call to every worker, saving a round
-    trip per step; `call_any` and `call_all` send it first."""
+    to the live ones. A queued update rides on the next call that goes to every worker (the clean
+    forward), saving a round trip per step; any other call sends it first."""
 
     def __init__(self, workers: list, noise_cost: float = 0.0):
         self.workers = list(workers)
@@ -47,7 +47,9 @@ class RayExecutor(Executor):
         self.workers_lost = 0
         self.query_rates = np.zeros(len(workers))  # queries per second in each worker's last evaluate
 
-    def _scatter(self, method: str, costs: np.ndarray, take, store) -> None:
+    def _scatter(self, method: str, costs: np.ndarray, take, store, everyone: bool = False) -> None:
+        if not everyone:
+            self.flush()
         update, self.queued = self.queued, None
         remaining = np.arange(len(costs))
         while len(remaining):
@@ -55,7 +57,7 @@ class RayExecutor(Executor):
                 raise AllWorkersLost("every worker has died; no replica is left to evaluate queries")
             calls = [(w, remaining[idx], getattr(self.workers[w], method).remote(update, *take(remaining[idx])))
                      for w, idx in enumerate(assign_chunks(costs[remaining], self.speeds))
-                     if len(idx) or update is not None]  # a worker dealt nothing still needs the update
+                     if len(idx) or everyone]
             failed, dead = [], set()
             for w, items, ref in calls:
                 try:
@@ -148,9 +150,13 @@ class Coordinator:
     dies is replaced by one that loads the last snapshot, replays the update log and proves by its
     parameter hash that it matches the others before it takes queries."""
 
-    def __init__(self, cfg: Config, refs: dict, n_examples: int, resume: bool = False):
+    def __init__(self, cfg: Config, refs: dict, resume: bool = False):
+        """`refs`: object refs of the model, the loss, a few sample rows for the workers, and the
+        train and test data (ArrayDataset or ParquetSource: this actor reads each step's rows)."""
         torch.set_num_threads(1)  # the allocator's math must not depend on the host's cores
         self.cfg, self.refs = cfg, refs
+        self.train_data = ray.get(refs["train"])
+        self.test_data = None if refs.get("test") is None else ray.get(refs["test"])
         t = cfg.train
         self.spec = ReplicaSpec.from_config(cfg)
         self.gpus = gpus_per_worker(cfg)
@@ -173,7 +179,7 @@ class Coordinator:
         workers = [self._new_worker() for _ in range(count)]
         self.worker_info = ray.get([w.info.remote() for w in workers])
         self.executor = RayExecutor(workers, float(np.median([w["noise_cost"] for w in self.worker_info])))
-        self.engine = Engine(t, self.executor, n_examples, self.worker_info[0]["d"])
+        self.engine = Engine(t, self.executor, self.train_data, self.worker_info[0]["d"])
         self.writer = RunLogWriter(self.run_dir)
         self.restarts = 0
         self.step = 0
@@ -202,7 +208,7 @@ class Coordinator:
 
     def _new_worker(self):
         return RemoteWorker.options(num_cpus=0 if self.gpus else 1, num_gpus=self.gpus).remote(
-            self.refs["model"], self.refs["loss_fn"], self.refs["train"], self.spec)
+            self.refs["model"], self.refs["loss_fn"], self.refs["sample"], self.spec)
 
     def _catch_up(self, worker, timeout: float = 120.0) -> bool:
         """Bring a new worker to the current step from the last snapshot plus the update log, and
@@ -329,9 +335,12 @@ class Coordinator:
         return list(self.executor.workers)
 
     def score(self) -> float | None:
-        if self.refs.get("test") is None:
+        """The test metric at θ, streamed through any live replica a batch at a time."""
+        if self.test_data is None:
             return None
-        return self._surviving(self.executor.call_any, "score", self.refs["test"], self.cfg.data.metric)
+        total = sum(self._surviving(self.executor.call_any, "score_sum", batch, self.cfg.data.metric)
+                    for batch in self.test_data.batches(256))
+        return total / max(len(self.test_data), 1)
 
     def run(self, steps: int) -> list[dict]:
         """Run up to `steps` more steps; returns their run-log rows."""

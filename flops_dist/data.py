@@ -162,9 +162,9 @@ class ParquetSource:
     def _check_schema(self, part: int, schema: pa.Schema) -> None:
         """Every part must hold the two columns with the first part's types."""
         path = self.parts[part]
-        for column in self.columns:
+        for role, column in zip(("input", "label"), self.columns):
             if column not in schema.names:
-                raise DataError(f"{path}: missing column {column!r}; it has {', '.join(schema.names)}")
+                raise DataError(f"{path}: missing {role} column {column!r}; it has {', '.join(schema.names)}")
         types = tuple(schema.field(c).type for c in self.columns)
         if part == 0:
             self.types = types

@@ -40,15 +40,17 @@ class Executor(abc.ABC):
     depend on the dealing; subclasses say only how replicas are called (`_scatter`)."""
     noise_cost = 0.0  # noise generation per seed, in forward-equivalents: the chunk cost model's weight
 
-    def clean_forward(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Losses [n, C] and embeddings [n, C, m] at θ for chunks of example indices."""
+    def clean_forward(self, rows: np.ndarray, batch) -> tuple[np.ndarray, np.ndarray]:
+        """Every replica takes the step's batch (an ArrayDataset); losses [n, C] and embeddings
+        [n, C, m] at θ for chunks of positions in it."""
         losses = np.empty(rows.shape, np.float32)
         parts = {}
 
         def store(items, value):
             losses[items], parts[tuple(items)] = value
 
-        self._scatter("clean_forward", np.full(len(rows), float(rows.shape[1])), lambda items: (rows[items],), store)
+        self._scatter("clean_forward", np.full(len(rows), float(rows.shape[1])), lambda items: (batch, rows[items]),
+                      store, everyone=True)
         return losses, gather_rows(len(rows), parts)
 
     def evaluate(self, chunks: QueryChunks) -> np.ndarray:
@@ -62,9 +64,9 @@ class Executor(abc.ABC):
         return losses
 
     @abc.abstractmethod
-    def _scatter(self, method: str, costs: np.ndarray, take, store) -> None:
-        """Call `method(*take(items))` on the replicas, each with the items dealt to it, and
-        `store(items, result)` for every one."""
+    def _scatter(self, method: str, costs: np.ndarray, take, store, everyone: bool = False) -> None:
+        """Call `method(*take(items))` on the replicas, each with the items dealt to it (`everyone`:
+        also those dealt none), and `store(items, result)` for every non-empty one."""
 
     @abc.abstractmethod
     def queue_update(self, msg: UpdateMessage) -> None:
@@ -81,10 +83,12 @@ class LocalExecutor(Executor):
     def __init__(self, replicas):
         self.replicas = list(replicas)
 
-    def _scatter(self, method, costs, take, store) -> None:
+    def _scatter(self, method, costs, take, store, everyone=False) -> None:
         for replica, items in zip(self.replicas, assign_chunks(costs, np.ones(len(self.replicas)))):
-            if len(items):
-                store(items, getattr(replica, method)(*take(items)))
+            if len(items) or everyone:
+                value = getattr(replica, method)(*take(items))
+                if len(items):
+                    store(items, value)
 
     def queue_update(self, msg: UpdateMessage) -> None:
         for replica in self.replicas:
@@ -102,10 +106,12 @@ class StepOutcome:
 
 
 class Engine:
-    def __init__(self, cfg: TrainConfig, executor, n_examples: int, d: int):
-        if cfg.batch_size > n_examples:
-            raise ValueError(f"train.batch_size: {cfg.batch_size} exceeds the dataset's {n_examples} examples")
-        self.cfg, self.executor, self.n_examples, self.d = cfg, executor, n_examples, d
+    def __init__(self, cfg: TrainConfig, executor: Executor, data, d: int):
+        """`data` hands out rows by index (an ArrayDataset or a ParquetSource)."""
+        if cfg.batch_size > len(data):
+            raise ValueError(f"train.batch_size: {cfg.batch_size} exceeds the dataset's {len(data)} examples")
+        self.cfg, self.executor, self.data, self.d = cfg, executor, data, d
+        self.n_examples = len(data)
         self.budget = cfg.batch_size * cfg.queries_per_example // cfg.unit
         self.a_min = cfg.min_queries // cfg.unit
         self.allocator = make_allocator(cfg.allocator, pilot_units=self.a_min,
@@ -118,24 +124,23 @@ class Engine:
         perm = np.random.default_rng([self.cfg.seed, epoch, 2]).permutation(self.n_examples)
         return perm[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]
 
-    def _evaluate(self, start, stop, batch, seed_base) -> QueryLosses:
+    def _evaluate(self, start, stop, seed_base) -> QueryLosses:
         cfg = self.cfg
         plan = plan_queries(start, stop, seed_base, cfg.unit, cfg.pairing == "shared", cfg.chunk_size)
-        chunks = plan.chunks
-        # chunks name batch positions; the replicas index the dataset
-        losses = self.executor.evaluate(QueryChunks(batch[chunks.examples], chunks.seeds, chunks.signs,
-                                                    chunks.index, chunks.shared))
+        chunks = plan.chunks  # they name positions in the batch, which every replica holds
+        losses = self.executor.evaluate(chunks)
         loss = np.empty(len(plan.example), np.float32)
         valid = chunks.index >= 0
         loss[chunks.index[valid]] = losses[valid]
         return QueryLosses(plan.example, plan.seed, plan.sign, loss)
 
-    def step(self, t: int) -> StepOutcome:
+    def step(self, t: int, batch: np.ndarray | None = None) -> StepOutcome:
+        """Step t on batch t (or on the example indices `batch`, to pin one)."""
         cfg = self.cfg
         began = time.perf_counter()
-        batch = self.batch(t)
-        rows, pad = chunk_examples(batch, cfg.chunk_size)
-        clean_rows, emb_rows = self.executor.clean_forward(rows)
+        batch = self.batch(t) if batch is None else np.asarray(batch, np.int64)
+        rows, pad = chunk_examples(np.arange(len(batch)), cfg.chunk_size)
+        clean_rows, emb_rows = self.executor.clean_forward(rows, self.data.rows(batch))
         clean = clean_rows.reshape(-1)[:len(batch)].astype(np.float64)
         embeddings = emb_rows.reshape(-1, emb_rows.shape[-1])[:len(batch)]
         features = BatchFeatures(clean, embeddings)
@@ -145,10 +150,10 @@ class Engine:
         rounds = []
         pilot = self.allocator.pilot_units
         if pilot:
-            rounds.append(self._evaluate(zeros, zeros + pilot, batch, seed_base))
+            rounds.append(self._evaluate(zeros, zeros + pilot, seed_base))
             features.pilot_c_hat = estimate(rounds[0], clean, cfg.estimator, cfg.sigma, self.d, cfg.noise).c_hat
         allocation, ask = self.allocator.allocate(features, self.budget, self.a_min, alloc_rng)
-        rounds.append(self._evaluate(zeros + pilot, allocation, batch, seed_base))
+        rounds.append(self._evaluate(zeros + pilot, allocation, seed_base))
         queries = QueryLosses(*(np.concatenate([getattr(r, f) for r in rounds])
                                 for f in ("example", "seed", "sign", "loss")))
         est = estimate(queries, clean, cfg.estimator, cfg.sigma, self.d, cfg.noise)

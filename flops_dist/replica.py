@@ -46,7 +46,7 @@ def pick_device(name: str) -> torch.device:
 
 
 class Replica:
-    def __init__(self, model: nn.Module, loss_fn, dataset: ArrayDataset, spec: ReplicaSpec):
+    def __init__(self, model: nn.Module, loss_fn, sample: ArrayDataset, spec: ReplicaSpec):
         # the same thread count everywhere: reductions over θ must not depend on the machine
         torch.set_num_threads(spec.threads)
         self.spec = spec
@@ -59,9 +59,12 @@ class Replica:
         self.opt_state = init_optimizer_state(spec.optimizer, self.target.numel, self.device)
         self.forward = PerturbedForward(self.model, self.target, loss, spec.sigma, spec.noise,
                                         self.device, spec.embedding_module or None)
-        self.inputs = torch.tensor(dataset.inputs, device=self.device)
-        self.labels = torch.tensor(dataset.labels, device=self.device)
+        # the rows this replica holds: a few sample examples, then each step's batch as it comes
+        self.inputs, self.labels = self._tensors(sample)
         self.updates_applied = 0
+
+    def _tensors(self, data: ArrayDataset) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tensor(data.inputs, device=self.device), torch.tensor(data.labels, device=self.device)
 
     @property
     def d(self) -> int:
@@ -80,8 +83,10 @@ class Replica:
         noise_batch(np.arange(rows), self.d, self.spec.noise, device=self.device)
         return (time.perf_counter() - began) / rows / max(forward, 1e-9)
 
-    def clean_forward(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Losses [n, C] and embeddings [n, C, m] at θ for chunks of example indices."""
+    def clean_forward(self, batch: ArrayDataset, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Hold the step's batch (its rows, no others), then losses [n, C] and embeddings [n, C, m] at
+        θ for chunks of positions in it."""
+        self.inputs, self.labels = self._tensors(batch)
         losses, embeddings = [], []
         for row in torch.tensor(rows, device=self.device):
             loss, emb = self.forward.clean(self.theta, self.inputs[row], self.labels[row])
@@ -146,17 +151,15 @@ class Replica:
             state[name] = value.detach().cpu()
         return {k: v.contiguous().numpy() for k, v in state.items()}
 
+    def score(self, dataset, metric: str, chunk: int = 256) -> float:
+        """Accuracy (argmax of outputs) or mean loss at θ on a held-out dataset (any with batches())."""
+        return sum(self.score_sum(batch, metric) for batch in dataset.batches(chunk)) / max(len(dataset), 1)
+
     @torch.no_grad()
-    def score(self, dataset: ArrayDataset, metric: str, chunk: int = 256) -> float:
-        """Accuracy (argmax of outputs) or mean loss at θ on a held-out dataset."""
-        total = 0.0
-        inputs = torch.tensor(dataset.inputs, device=self.device)
-        labels = torch.tensor(dataset.labels, device=self.device)
-        for start in range(0, len(labels), chunk):
-            x, y = inputs[start:start + chunk], labels[start:start + chunk]
-            outputs = self.forward.call(self.theta, x)
-            if metric == "accuracy":
-                total += float((self.forward.scores(outputs, x).argmax(-1) == y).sum())
-            else:
-                total += float(self.forward.losses(outputs, x, y)[0].sum())
-        return total / max(len(labels), 1)
+    def score_sum(self, batch: ArrayDataset, metric: str) -> float:
+        """Correct predictions, or summed loss, over one batch of held-out examples."""
+        x, y = self._tensors(batch)
+        outputs = self.forward.call(self.theta, x)
+        if metric == "accuracy":
+            return float((self.forward.scores(outputs, x).argmax(-1) == y).sum())
+        return float(self.forward.losses(outputs, x, y)[0].sum())

@@ -11,17 +11,18 @@ from .replica import Replica
 
 
 class Worker:
-    def __init__(self, model, loss_fn, dataset, spec):
-        self.replica = Replica(model, loss_fn, dataset, spec)
+    def __init__(self, model, loss_fn, sample, spec):
+        self.replica = Replica(model, loss_fn, sample, spec)
 
     def info(self) -> dict:
         return {"d": self.replica.d, "device": str(self.replica.device), "host": socket.gethostname(),
                 "pid": os.getpid(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                 "updates_applied": self.replica.updates_applied, "noise_cost": self.replica.noise_cost()}
 
-    def clean_forward(self, update, rows):
-        """Apply the queued update, if any, then the clean forward: one call per step, not two."""
-        return self._timed(update, self.replica.clean_forward, rows)
+    def clean_forward(self, update, batch, rows):
+        """Apply the queued update, if any, then take the step's batch and run its clean forward:
+        one call per step, not three."""
+        return self._timed(update, self.replica.clean_forward, batch, rows)
 
     def evaluate(self, update, chunks):
         return self._timed(update, self.replica.evaluate, chunks)
@@ -52,8 +53,8 @@ class Worker:
     def state_dict(self):
         return self.replica.state_dict()
 
-    def score(self, dataset, metric: str) -> float:
-        return self.replica.score(dataset, metric)
+    def score_sum(self, batch, metric: str) -> float:
+        return self.replica.score_sum(batch, metric)
 
 
 RemoteWorker = ray.remote(Worker)

@@ -112,3 +112,19 @@ class SubprocessNetLoss(FrozenModelLoss):
 
 def build_projection() -> nn.Module:
     return Projection(10, PROMPT_DIM, seed=1)
+
+
+def write_parquet(data: ArrayDataset, folder, parts: int = 1, row_group_size: int = 32):
+    """`data` as Parquet in `folder`: one file, or `parts` parts of nearly equal size."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pathlib import Path
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    width = data.inputs[0].size
+    table = pa.table({"input": pa.FixedSizeListArray.from_arrays(pa.array(data.inputs.reshape(-1)), width),
+                      "label": pa.array(data.labels)})
+    bounds = np.linspace(0, len(data), parts + 1).astype(int)
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        pq.write_table(table.slice(a, b - a), folder / f"part-{i}.parquet", row_group_size=row_group_size)
+    return folder

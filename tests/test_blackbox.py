@@ -41,7 +41,7 @@ def test_the_frozen_model_loads_once_per_replica_and_never_travels():
     assert FrozenNetLoss.loads == before + 1
     shipped = pickle.loads(pickle.dumps(loss))  # what Ray sends a worker: the settings only
     assert loss.frozen is not None and shipped.frozen is None
-    engine = Engine(TrainConfig(batch_size=24, sigma=SIGMA, chunk_size=8), LocalExecutor([rep]), 240, rep.d)
+    engine = Engine(TrainConfig(batch_size=24, sigma=SIGMA, chunk_size=8), LocalExecutor([rep]), blobs(), rep.d)
     for t in range(3):
         engine.step(t)
     assert FrozenNetLoss.loads == before + 1
@@ -51,7 +51,7 @@ def train_locally(loss, steps, allocator="flops"):
     cfg = TrainConfig(batch_size=24, sigma=SIGMA, learning_rate=0.2, chunk_size=8, allocator=allocator,
                       queries_per_example=8)
     rep = replica(loss)
-    engine = Engine(cfg, LocalExecutor([rep]), len(blobs()), rep.d)
+    engine = Engine(cfg, LocalExecutor([rep]), blobs(), rep.d)
     records = [engine.step(t).record for t in range(steps)]
     return rep, records
 

@@ -68,7 +68,7 @@ def test_a_schema_that_differs_between_parts_names_both_files_and_the_column(one
 
 def test_a_missing_column_an_unreadable_part_and_a_missing_location_are_named(one_file_and_parts):
     parts = one_file_and_parts / "parts"
-    with pytest.raises(DataError, match=f"{parts / 'part-0.parquet'}: missing column 'label'"):
+    with pytest.raises(DataError, match=f"{parts / 'part-0.parquet'}: missing label column 'label'"):
         ParquetSource(str(parts), "x", "label")
     (parts / "part-9.parquet").write_bytes(b"not parquet")
     with pytest.raises(DataError, match=f"{parts / 'part-9.parquet'}: not a readable Parquet file"):

@@ -15,7 +15,7 @@ def run_local(replicas: int, steps=8, loss=cross_entropy, **train):
     spec = ReplicaSpec(sigma=cfg.sigma, noise=cfg.noise, optimizer=cfg.optimizer_config(), embedding_module="1")
     data = blobs()
     reps = [Replica(build_mlp(), loss, data, spec) for _ in range(replicas)]
-    engine = Engine(cfg, LocalExecutor(reps), len(data), reps[0].d)
+    engine = Engine(cfg, LocalExecutor(reps), data, reps[0].d)
     records = [engine.step(t).record for t in range(steps)]
     return reps, records
 
@@ -55,6 +55,6 @@ def test_diverged_replicas_stop_the_run():
     reps, _ = run_local(2, steps=1)
     reps[1].theta = reps[1].theta.clone()
     reps[1].theta[0] += 1e-6
-    engine = Engine(TrainConfig(batch_size=24), LocalExecutor(reps), 240, reps[0].d)
+    engine = Engine(TrainConfig(batch_size=24), LocalExecutor(reps), blobs(), reps[0].d)
     with pytest.raises(ReplicaDivergence, match="hashes differ"):
         engine.check_replicas(0)

@@ -42,7 +42,7 @@ def test_the_direct_soft_prompt_is_bit_identical_on_one_and_two_replicas(tweets)
     thetas = []
     for n in (1, 2):
         replicas = [Replica(prompt.build_soft_prompt(), prompt.loss, data, spec) for _ in range(n)]
-        engine = Engine(cfg, LocalExecutor(replicas), len(data), replicas[0].d)
+        engine = Engine(cfg, LocalExecutor(replicas), data, replicas[0].d)
         for t in range(2):
             engine.step(t)
         assert len({r.hash() for r in replicas}) == 1

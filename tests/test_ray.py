@@ -17,7 +17,8 @@ from flops_dist.engine import Engine, LocalExecutor
 from flops_dist.replica import Replica, ReplicaSpec
 from flops_dist.runlog import read_log
 from flops_dist.targets import Target
-from models import FrozenNetLoss, blobs, build_mlp, build_projection, cross_entropy
+from flops_dist.data import ParquetSource
+from models import FrozenNetLoss, blobs, build_mlp, build_projection, cross_entropy, write_parquet
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,7 +47,7 @@ def reference_theta(cfg):
     spec = ReplicaSpec(sigma=cfg.train.sigma, noise=cfg.train.noise, optimizer=cfg.train.optimizer_config(),
                        embedding_module=cfg.target.embedding_module)
     replica = Replica(build_mlp(), cross_entropy, blobs(), spec)
-    engine = Engine(cfg.train, LocalExecutor([replica]), len(blobs()), replica.d)
+    engine = Engine(cfg.train, LocalExecutor([replica]), blobs(), replica.d)
     for t in range(cfg.train.steps):
         engine.step(t)
     return replica.theta
@@ -72,6 +73,19 @@ def test_one_and_two_workers_give_bit_identical_models(tmp_path):
         assert torch.equal(value, two.model.state_dict()[name]), name
 
 
+def test_three_parquet_parts_one_file_and_memory_give_bit_identical_models(tmp_path):
+    # parts read a step's rows at a time on 2 workers; one file on 1 worker; the reference in memory
+    parts = write_parquet(blobs(), tmp_path / "parts", parts=3)
+    one_file = write_parquet(blobs(), tmp_path / "one") / "part-0.parquet"
+    from_parts = train(build_mlp(), cross_entropy, str(parts), make_config(tmp_path, workers=2),
+                       progress=lambda line: None)
+    from_file = train(build_mlp(), cross_entropy, str(one_file), make_config(tmp_path, workers=1),
+                      progress=lambda line: None)
+    reference = reference_theta(make_config(tmp_path))
+    assert torch.equal(trained_theta(from_parts.model), reference)
+    assert torch.equal(trained_theta(from_file.model), reference)
+
+
 def test_a_black_box_target_on_two_workers_matches_the_local_reference(tmp_path):
     # each worker loads the frozen net itself; only the target's θ and the seeds travel
     cfg = make_config(tmp_path, steps=8)
@@ -79,7 +93,7 @@ def test_a_black_box_target_on_two_workers_matches_the_local_reference(tmp_path)
     result = train(build_projection(), FrozenNetLoss(), blobs(), cfg, test_data=blobs(), progress=lambda line: None)
     spec = ReplicaSpec(sigma=cfg.train.sigma, noise=cfg.train.noise, optimizer=cfg.train.optimizer_config())
     replica = Replica(build_projection(), FrozenNetLoss(), blobs(), spec)
-    engine = Engine(cfg.train, LocalExecutor([replica]), len(blobs()), replica.d)
+    engine = Engine(cfg.train, LocalExecutor([replica]), blobs(), replica.d)
     for t in range(cfg.train.steps):
         engine.step(t)
     assert torch.equal(trained_theta(result.model), replica.theta)
@@ -106,11 +120,12 @@ def test_run_log_update_log_and_model_files(tmp_path):
     assert 0.0 <= result.metric_before <= 1.0 and 0.0 <= result.metric_after <= 1.0
 
 
-def start_coordinator(cfg, test=None):
+def start_coordinator(cfg, test=None, train_data=None):
     ship_by_value(build_mlp(), cross_entropy)
-    refs = {"model": ray.put(build_mlp()), "loss_fn": ray.put(cross_entropy), "train": ray.put(blobs()),
+    refs = {"model": ray.put(build_mlp()), "loss_fn": ray.put(cross_entropy), "sample": ray.put(blobs(8)),
+            "train": ray.put(blobs() if train_data is None else train_data),
             "test": None if test is None else ray.put(test)}
-    return RemoteCoordinator.options(num_cpus=0).remote(cfg, refs, len(blobs()))
+    return RemoteCoordinator.options(num_cpus=0).remote(cfg, refs)
 
 
 def test_workers_take_one_gpu_each_when_the_cluster_has_gpus(tmp_path):
@@ -132,11 +147,12 @@ def final_theta(coordinator):
     return trained_theta(model)
 
 
-@pytest.mark.parametrize("how", ["ray.kill", "SIGKILL"])
-def test_a_worker_killed_mid_run_is_replaced_and_changes_nothing(tmp_path, how):
+@pytest.mark.parametrize("how,data", [("ray.kill", "memory"), ("SIGKILL", "parts")])
+def test_a_worker_killed_mid_run_is_replaced_and_changes_nothing(tmp_path, how, data):
     cfg = make_config(tmp_path, steps=14)
     cfg.output.snapshot_every = 4
-    coordinator = start_coordinator(cfg)
+    parts = ParquetSource(str(write_parquet(blobs(), tmp_path / "parts", parts=3)), "input", "label")
+    coordinator = start_coordinator(cfg, train_data=parts if data == "parts" else None)
     try:
         ray.get(coordinator.run.remote(5))
         if how == "ray.kill":
@@ -183,9 +199,11 @@ def test_every_worker_killed_at_once_is_replaced_from_the_snapshot(tmp_path):
 
 
 def test_a_dead_coordinator_resumes_from_snapshot_and_log_bit_identically(tmp_path):
+    # a run on 3 Parquet parts, resumed from them
     cfg = make_config(tmp_path, steps=16)
     cfg.output.snapshot_every, cfg.output.log_every = 5, 3
-    coordinator = start_coordinator(cfg)
+    parts = str(write_parquet(blobs(), tmp_path / "parts", parts=3))
+    coordinator = start_coordinator(cfg, train_data=ParquetSource(parts, "input", "label"))
     ray.get(coordinator.info.remote())  # started
     pending = coordinator.run.remote(16)
     time.sleep(1.0)  # somewhere mid-run: the result must not depend on where
@@ -194,7 +212,7 @@ def test_a_dead_coordinator_resumes_from_snapshot_and_log_bit_identically(tmp_pa
         ray.get(pending)
     logged = read_log(cfg.output.run_dir, "run_log").num_rows
     assert logged < 16
-    result = train(build_mlp(), cross_entropy, blobs(), cfg, progress=lambda line: None, resume=True)
+    result = train(build_mlp(), cross_entropy, parts, cfg, progress=lambda line: None, resume=True)
     assert torch.equal(trained_theta(result.model), reference_theta(cfg))
     assert result.run_log.column("step").to_pylist() == list(range(16))
 
