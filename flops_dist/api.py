@@ -44,6 +44,7 @@ class TrainResult:
     run_dir: Path
     metric_before: float | None
     metric_after: float | None
+    peak_memory: dict  # peak resident bytes: {"coordinator": n, "workers": [n, ...]}
 
 
 def load_callable(spec: str, field: str):
@@ -219,6 +220,7 @@ def train(model: nn.Module, loss_fn, train_data, config: Config, test_data=None,
         after = ray.get(coordinator.score.remote())
         if after is not None:
             progress(f"test {cfg.data.metric} after:  {after:.4f}")
+        memory = ray.get(coordinator.peak_memory.remote())
         state = ray.get(coordinator.finish.remote())
     except ray.exceptions.RayTaskError as e:
         cause = e.cause if getattr(e, "cause", None) is not None else e
@@ -240,4 +242,4 @@ def train(model: nn.Module, loss_fn, train_data, config: Config, test_data=None,
         plot_run(run_dir)
     except ImportError:
         progress("matplotlib is not installed: no plots")
-    return TrainResult(model, run_log, run_dir, before, after)
+    return TrainResult(model, run_log, run_dir, before, after, memory)

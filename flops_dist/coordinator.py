@@ -19,7 +19,7 @@ import torch
 
 from .config import Config
 from .engine import Engine, Executor
-from .metrics import RunMetrics
+from .metrics import RunMetrics, peak_rss_bytes
 from .replica import ReplicaSpec
 from .runlog import (SCHEMAS, Recovery, RunLogWriter, RunStateError, Snapshot, check_run_dir, parts_holding, recover,
                      save_model, save_snapshot, truncate_log)
@@ -329,6 +329,10 @@ class Coordinator:
         return {"workers": ray.get([w.info.remote() for w in self.executor.workers]), "d": self.engine.d,
                 "run_dir": str(self.run_dir), "metrics_url": self.metrics_url, "step": self.step,
                 "pid": os.getpid(), "notes": list(self.notes)}
+
+    def peak_memory(self) -> dict:
+        """Peak resident bytes of this actor and of each live worker."""
+        return {"coordinator": peak_rss_bytes(), "workers": self.executor.call_all("peak_memory")}
 
     def worker_handles(self) -> list:
         """The live workers' actor handles, for operators (and tests) to inspect or stop."""

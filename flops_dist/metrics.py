@@ -12,6 +12,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 LAMBDA_PARAMS = ("beta0", "beta1", "s", "gamma")
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (VmHWM on Linux)."""
+    import resource
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class RunMetrics:
     def __init__(self):
         r = self.registry = CollectorRegistry()

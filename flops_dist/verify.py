@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from .config import Config
 from .data import ArrayDataset
+from .losses import PerExampleLoss
 from .runlog import check_model, messages, parts_holding, recorded_hashes, scan_log, scan_snapshots
 
 
@@ -81,4 +82,5 @@ def base_replica(run_dir: Path):
     from .replica import Replica, ReplicaSpec
     cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
     empty = ArrayDataset(np.zeros((0,), np.float32), np.zeros((0,), np.int64))
-    return Replica(build_model(cfg), None, empty, ReplicaSpec.from_config(cfg, device="cpu"))
+    replay_only = PerExampleLoss(lambda outputs, labels: None)  # no forward runs: replay and hash only
+    return Replica(build_model(cfg), replay_only, empty, ReplicaSpec.from_config(cfg, device="cpu"))

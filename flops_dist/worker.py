@@ -7,6 +7,7 @@ import time
 
 import ray
 
+from .metrics import peak_rss_bytes
 from .replica import Replica
 
 
@@ -37,6 +38,9 @@ class Worker:
 
     def apply(self, msg) -> None:
         self.replica.apply(msg)
+
+    def peak_memory(self) -> int:
+        return peak_rss_bytes()
 
     def hash(self) -> str:
         return self.replica.hash()
