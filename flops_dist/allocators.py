@@ -36,6 +36,10 @@ class BatchFeatures:
     embeddings: np.ndarray | None    # e_j, float [B, m]
     pilot_c_hat: np.ndarray | None = None
 
+    def subset(self, keep: np.ndarray) -> "BatchFeatures":
+        return BatchFeatures(self.losses[keep], None if self.embeddings is None else self.embeddings[keep],
+                             None if self.pilot_c_hat is None else self.pilot_c_hat[keep])
+
 
 def variance_objective(c: np.ndarray, allocation: np.ndarray) -> float:
     """V(A) = Σ_j c_j / A_j."""

@@ -1,58 +1,52 @@
 """`flops-dist train CONFIG`: forward-only training from a TOML config; `flops-dist plot RUN_DIR`;
-`flops-dist verify RUN_DIR`: check a run directory's integrity."""
+`flops-dist verify RUN_DIR`: check a run directory's integrity.
+
+Every failure is one line, `flops-dist: error: …`, naming the field, file or step. Where there is
+a traceback worth keeping (the user's own code raised, or a remote error), it goes to the run
+directory's flops-dist.log, or to a temporary file when no run directory exists yet, and the line
+says where.
+"""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tomllib
+import tempfile
+import traceback
 from pathlib import Path
 
-from .config import Config, ConfigError
+from .config import RESUMABLE, Config, ConfigError, apply_overrides, read_raw
 from .data import DataError
 
 
-def _with_overrides(path: str, overrides: list[str], json_file: bool = False) -> Config:
-    """`--set train.steps=50` edits the file's values before validation."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {path!r} does not exist")
-    try:
-        raw = json.loads(p.read_text()) if json_file else tomllib.loads(p.read_text())
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not valid {'JSON' if json_file else 'TOML'}: {e}") from None
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or "." not in key:
-            raise ConfigError(f"--set {item!r}: expected section.field=value")
-        section, name = key.strip().split(".", 1)
-        try:
-            parsed = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            parsed = value  # a bare word is a string
-        raw.setdefault(section, {})[name] = parsed
-    return Config.from_dict(raw, p.resolve().parent)
+def job_config(args) -> Config:
+    """The job file with its overrides, or, with --resume DIR, DIR's own config: it writes only into
+    DIR wherever DIR now is, and only settings that cannot change the logged steps may be --set."""
+    if not args.resume:
+        if not args.config:
+            raise ConfigError("give a CONFIG file, or --resume RUN_DIR")
+        return Config.load(args.config, args.set)
+    from .loading import check_sources
+    run_dir = Path(args.resume).absolute()
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(f"--resume {args.resume}: not a run directory (no config.json)")
+    raw = apply_overrides(read_raw(run_dir / "config.json"), args.set, allowed=RESUMABLE)
+    raw["output"]["run_dir"] = str(run_dir)
+    cfg = Config.from_dict(raw)
+    check_sources(cfg, run_dir / "sources.json")
+    return cfg
 
 
 def _train(args) -> int:
-    from .api import build_model, load_callable, train
-    if args.resume:
-        saved = Path(args.resume) / "config.json"
-        if not saved.is_file():
-            raise ConfigError(f"--resume {args.resume}: not a run directory (no config.json)")
-        cfg = _with_overrides(str(saved), args.set, json_file=True)
-    elif args.config:
-        cfg = _with_overrides(args.config, args.set)
-    else:
-        raise ConfigError("give a CONFIG file, or --resume RUN_DIR")
+    from .api import train
+    from .loading import build_model, load_callable
+    cfg = job_config(args)
+    args.run_dir = cfg.output.run_dir
     if not cfg.data.train:
-        raise ConfigError("data.train: required, the Parquet file of training examples")
+        raise ConfigError("data.train: required, the Parquet data to train on")
     if not cfg.model.loss:
         raise ConfigError("model.loss: required, e.g. 'model.py:per_example_loss'")
-    model = build_model(cfg)
-    loss_fn = load_callable(cfg.model.loss, "model.loss")
-    result = train(model, loss_fn, cfg.data.train, cfg, test_data=cfg.data.test or None,
-                   resume=bool(args.resume))
+    result = train(build_model(cfg), load_callable(cfg.model.loss, "model.loss"), cfg.data.train, cfg,
+                   test_data=cfg.data.test or None, resume=bool(args.resume))
     log = result.run_log.to_pydict()
     print(f"done: {len(log['step'])} steps, {sum(log['queries'])} queries, "
           f"{sum(log['dropped_queries'])} dropped; final batch loss {log['loss'][-1]:.4f}")
@@ -81,31 +75,58 @@ def _plot(args) -> int:
     return 0
 
 
+def keep_traceback(error: BaseException, run_dir: str | None) -> str:
+    """Where the traceback of `error` was written: the run dir's log if it holds a run, else a
+    temporary file (a start that fails leaves the run dir as it was)."""
+    from .runlog import append_text, holds_run
+    text = getattr(error, "details", "") or "".join(traceback.format_exception(error))
+    if run_dir and holds_run(Path(run_dir)):
+        try:
+            return str(append_text(run_dir, "flops-dist.log", text + "\n"))
+        except (OSError, ValueError):
+            pass
+    with tempfile.NamedTemporaryFile("w", prefix="flops-dist-", suffix=".log", delete=False) as f:
+        f.write(text)
+    return f.name
+
+
+def fail(error: BaseException, run_dir: str | None) -> str:
+    """The one line a failure prints. A ConfigError or DataError is its message; anything else
+    also keeps its traceback and says where."""
+    message = " ".join(str(error).split())
+    if isinstance(error, (ConfigError, DataError)) and error.__cause__ is None:
+        return f"flops-dist: error: {message}"
+    from .api import TrainingError
+    if not isinstance(error, (ConfigError, DataError, TrainingError)):  # those messages are the user's already
+        message = f"{type(error).__name__}: {message}"
+    return f"flops-dist: error: {message} (traceback in {keep_traceback(error, run_dir)})"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="flops-dist", description=__doc__)
+    parser = argparse.ArgumentParser(prog="flops-dist", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train from a TOML config")
     p_train.add_argument("config", nargs="?", help="the job's TOML file")
     p_train.add_argument("--resume", metavar="RUN_DIR",
-                         help="continue a run from its last snapshot plus its update log")
+                         help="continue a run from its last snapshot plus its update log (runs the code it names)")
     p_train.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                          help="override a config value, e.g. --set train.steps=50")
     p_train.set_defaults(func=_train)
-    p_plot = sub.add_parser("plot", help="plot a run's loss curve and allocation histograms")
-    p_plot.add_argument("run_dir")
-    p_plot.set_defaults(func=_plot)
-    p_verify = sub.add_parser("verify", help="check a run directory's snapshots, logs and model, and replay its log")
-    p_verify.add_argument("run_dir")
-    p_verify.set_defaults(func=_verify)
+    for name, func, text in (("plot", _plot, "plot a run's loss curve and allocation histograms"),
+                             ("verify", _verify, "check a run directory's snapshots, logs and model, and "
+                                                 "replay its update log")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("run_dir")
+        p.set_defaults(func=func)
     args = parser.parse_args(argv)
+    args.run_dir = getattr(args, "run_dir", None)
     try:
         return args.func(args)
-    except (ConfigError, DataError) as e:
-        print(f"flops-dist: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        print(f"flops-dist: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # every failure is one line; the traceback is kept, not shown
+        print(fail(e, args.run_dir), file=sys.stderr)
+        return 2 if isinstance(e, (ConfigError, DataError)) else 1
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ has the sections below; relative paths in it are relative to the file.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -42,6 +44,7 @@ class TrainConfig:
     seed: int = 0                    # run seed: data order, query seeds, allocator samples
     chunk_size: int = 16             # queries per evaluation chunk; fixed boundaries keep losses batch-invariant
     hash_every: int = 50             # compare replica hashes every this many steps (0: only at the end)
+    stop_dropped_fraction: float = 1.0  # stop when at least this fraction of a step's queries give NaN/inf (1: all)
 
     @property
     def unit(self) -> int:
@@ -118,13 +121,21 @@ class Config:
         _choice("train.allocator", t.allocator, ALLOCATORS)
         _choice("data.metric", self.data.metric, ("accuracy", "loss"))
         for name in ("steps", "batch_size", "queries_per_example", "min_queries", "chunk_size"):
-            if getattr(t, name) < 1:
-                raise ConfigError(f"train.{name}: must be at least 1, got {getattr(t, name)}")
-        for name in ("sigma", "learning_rate"):
+            _at_least(f"train.{name}", getattr(t, name), 1)
+        _at_least("train.seed", t.seed, 0)
+        _at_least("train.hash_every", t.hash_every, 0)
+        for name in ("sigma", "learning_rate", "momentum", "weight_decay", "allocator_learning_rate",
+                     "stop_dropped_fraction"):
+            if not math.isfinite(getattr(t, name)):
+                raise ConfigError(f"train.{name}: must be a finite number, got {getattr(t, name)}")
+        for name in ("sigma", "learning_rate", "stop_dropped_fraction"):
             if not getattr(t, name) > 0:
                 raise ConfigError(f"train.{name}: must be positive, got {getattr(t, name)}")
-        if t.allocator_learning_rate < 0:
-            raise ConfigError(f"train.allocator_learning_rate: must be ≥ 0, got {t.allocator_learning_rate}")
+        for name in ("momentum", "weight_decay", "allocator_learning_rate"):
+            _at_least(f"train.{name}", getattr(t, name), 0)
+        if t.stop_dropped_fraction > 1:
+            raise ConfigError(f"train.stop_dropped_fraction: a fraction of a step's queries, at most 1, "
+                              f"got {t.stop_dropped_fraction}")
         if t.unit == 2 and (t.queries_per_example % 2 or t.min_queries % 2):
             raise ConfigError("train.queries_per_example and train.min_queries: the antithetic estimator "
                               f"spends queries in pairs, so both must be even (got {t.queries_per_example}, "
@@ -136,24 +147,22 @@ class Config:
         if t.allocator == "neyman" and t.queries_per_example == t.min_queries:
             raise ConfigError("train.queries_per_example: neyman spends min_queries per example on a pilot "
                               "and needs budget left after it")
+        self._validate_cluster_and_output()
+        return self
+
+    def _validate_cluster_and_output(self) -> None:
         c = self.cluster
         if c.workers < 1 or not 1 <= c.min_workers <= c.workers:
             raise ConfigError(f"cluster.workers / cluster.min_workers: need 1 ≤ min_workers ≤ workers, "
                               f"got {c.min_workers}, {c.workers}")
-        if c.threads_per_worker < 1:
-            raise ConfigError(f"cluster.threads_per_worker: must be at least 1, got {c.threads_per_worker}")
+        for name in ("threads_per_worker", "rescale_every", "num_cpus"):
+            _at_least(f"cluster.{name}", getattr(c, name), 0 if name == "num_cpus" else 1)
         _choice("cluster.gpus_per_worker", c.gpus_per_worker, ("auto", "0", "1"))
         if not -1 <= self.metrics.port <= 65535:
             raise ConfigError(f"metrics.port: must be -1 (off), 0 (any free port) or a port number, "
                               f"got {self.metrics.port}")
         for name in ("snapshot_every", "log_every"):
-            if getattr(self.output, name) < 1:
-                raise ConfigError(f"output.{name}: must be at least 1, got {getattr(self.output, name)}")
-        if c.rescale_every < 1:
-            raise ConfigError(f"cluster.rescale_every: must be at least 1, got {c.rescale_every}")
-        if self.output.log_every < 1:
-            raise ConfigError(f"output.log_every: must be at least 1, got {self.output.log_every}")
-        return self
+            _at_least(f"output.{name}", getattr(self.output, name), 1)
 
     @classmethod
     def from_dict(cls, raw: dict, base_dir: Path | None = None) -> "Config":
@@ -166,15 +175,50 @@ class Config:
         return cfg.validate()
 
     @classmethod
-    def load(cls, path: str | Path) -> "Config":
+    def load(cls, path: str | Path, overrides: list[str] = ()) -> "Config":
+        """A TOML job file (or a run's config.json), with `section.field=value` overrides applied
+        before validation; relative paths are relative to the file."""
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+        return cls.from_dict(apply_overrides(read_raw(path), overrides), path.resolve().parent)
+
+
+# fields that --set may change on resume: none of them changes the bits of the steps already logged
+RESUMABLE = ("train.steps", "cluster.", "metrics.", "output.log_every", "output.snapshot_every")
+
+
+def read_raw(path: Path) -> dict:
+    """The sections of a TOML job file, or of a run directory's config.json."""
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        return json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}") from None
+
+
+def apply_overrides(raw: dict, overrides: list[str], allowed: tuple[str, ...] | None = None) -> dict:
+    """`section.field=value` (a TOML value, or a bare word as a string) onto raw sections; with
+    `allowed`, only keys equal to or starting with one of them."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or "." not in key:
+            raise ConfigError(f"--set {item!r}: expected section.field=value")
+        if allowed is not None and not any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed):
+            raise ConfigError(f"--set {key}: cannot change on resume, it would change the steps already logged; "
+                              "only train.steps, cluster.*, metrics.*, output.log_every and output.snapshot_every may")
         try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
-        return cls.from_dict(raw, path.resolve().parent)
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value  # a bare word is a string
+        section, name = key.split(".", 1)
+        raw.setdefault(section, {})[name] = parsed
+    return raw
+
+
+def _at_least(name: str, value, least) -> None:
+    if value < least:
+        raise ConfigError(f"{name}: must be at least {least}, got {value}")
 
 
 def _choice(name: str, value, choices) -> None:

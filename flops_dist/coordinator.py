@@ -7,7 +7,9 @@ unfinished chunks dealt to the live ones, and the step's result is unchanged.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import traceback
 import logging
 import os
 import time
@@ -21,8 +23,9 @@ from .config import Config
 from .engine import Engine, Executor
 from .metrics import RunMetrics, peak_rss_bytes
 from .replica import ReplicaSpec
-from .runlog import (SCHEMAS, Recovery, RunLogWriter, RunStateError, Snapshot, check_run_dir, parts_holding, recover,
-                     save_model, save_snapshot, truncate_log)
+from .loading import source_hashes
+from .runlog import (SCHEMAS, Recovery, RunLogWriter, RunStateError, Snapshot, check_run_dir, holds_run, parts_holding,
+                     recover, save_model, save_snapshot, truncate_log, write_atomically)
 from .sharding import assign_chunks
 from .worker import RemoteWorker
 
@@ -152,54 +155,72 @@ class Coordinator:
 
     def __init__(self, cfg: Config, refs: dict, resume: bool = False):
         """`refs`: object refs of the model, the loss, a few sample rows for the workers, and the
-        train and test data (ArrayDataset or ParquetSource: this actor reads each step's rows)."""
+        train and test data (ArrayDataset or ParquetSource: this actor reads each step's rows).
+        A start that fails is reported by info(), not raised: Ray would print the traceback of an
+        actor that fails to start, and the user is owed one line."""
+        self.start_error = None
+        try:
+            self._start(cfg, refs, resume)
+        except Exception as e:
+            self.start_error = (f"{type(e).__name__}: {e}", traceback.format_exc())
+
+    def _start(self, cfg: Config, refs: dict, resume: bool) -> None:
+        """Workers ready and metrics served before anything is written: a start that fails leaves
+        a new run directory as it found it."""
         torch.set_num_threads(1)  # the allocator's math must not depend on the host's cores
-        self.cfg, self.refs = cfg, refs
-        self.train_data = ray.get(refs["train"])
-        self.test_data = None if refs.get("test") is None else ray.get(refs["test"])
-        t = cfg.train
-        self.spec = ReplicaSpec.from_config(cfg)
-        self.gpus = gpus_per_worker(cfg)
-        self.run_dir = Path(cfg.output.run_dir)
+        self.cfg, self.refs, self.run_dir = cfg, refs, Path(cfg.output.run_dir)
         check_run_dir(self.run_dir)
-        if not resume and ((self.run_dir / "updates").exists() or (self.run_dir / "snapshots").exists()):
+        if not resume and holds_run(self.run_dir):
             raise RuntimeError(f"output.run_dir: {self.run_dir} already holds a run; resume it with "
                                "`flops-dist train --resume RUN_DIR` or choose another run_dir")
-        deadline = time.monotonic() + 10  # resources of a previous run may still be on their way back
-        while self._free_slots() < cfg.cluster.workers and time.monotonic() < deadline:
-            time.sleep(0.5)
-        count = min(cfg.cluster.workers, self._free_slots())
-        if count < cfg.cluster.min_workers:
-            raise RuntimeError(f"cluster.min_workers: the cluster has room for {count} workers with "
-                               f"{'1 GPU' if self.gpus else '1 CPU'} each, fewer than the "
-                               f"{cfg.cluster.min_workers} asked for")
-        if count < cfg.cluster.workers:
-            log.warning("starting with %d of %d workers: the cluster lacks resources; more join when it has them",
-                        count, cfg.cluster.workers)
-        workers = [self._new_worker() for _ in range(count)]
-        self.worker_info = ray.get([w.info.remote() for w in workers])
+        self.train_data = ray.get(refs["train"])
+        self.test_data = None if refs.get("test") is None else ray.get(refs["test"])
+        self.spec, self.gpus = ReplicaSpec.from_config(cfg), gpus_per_worker(cfg)
+        workers = self._start_workers()
         self.executor = RayExecutor(workers, float(np.median([w["noise_cost"] for w in self.worker_info])))
-        self.engine = Engine(t, self.executor, self.train_data, self.worker_info[0]["d"])
+        self.engine = Engine(cfg.train, self.executor, self.train_data, self.worker_info[0]["d"])
         self.writer = RunLogWriter(self.run_dir)
-        self.restarts = 0
-        self.step = 0
+        self.restarts, self.step = 0, 0
         self.notes: list[str] = []  # what recovery set aside or rolled back, for the user
+        self.metrics = RunMetrics()
+        self.metrics_url = self._serve_metrics()
         if resume:
             self._resume()
         else:
-            (self.run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+            write_atomically(self.run_dir, "config.json", json.dumps(dataclasses.asdict(cfg), indent=2).encode())
+            write_atomically(self.run_dir, "sources.json", json.dumps(source_hashes(cfg), indent=2).encode())
             self._take_snapshot()
-        self.metrics = RunMetrics()
-        self.metrics_url = None
-        if cfg.metrics.port >= 0:
-            try:
-                port = self.metrics.serve(cfg.metrics.address, cfg.metrics.port)
-            except OSError as e:
-                raise RuntimeError(f"metrics.port: cannot serve metrics on {cfg.metrics.address}:"
-                                   f"{cfg.metrics.port} ({e.strerror}); choose another port, 0 for any "
-                                   "free one, or -1 for none") from None
-            self.metrics_url = f"http://{cfg.metrics.address}:{port}/metrics"
         self.metrics.workers_alive.set(len(workers))
+
+    def _start_workers(self) -> list:
+        deadline = time.monotonic() + 10  # resources of a previous run may still be on their way back
+        while self._free_slots() < self.cfg.cluster.workers and time.monotonic() < deadline:
+            time.sleep(0.5)
+        count, wanted = min(self.cfg.cluster.workers, self._free_slots()), self.cfg.cluster
+        if count < wanted.min_workers:
+            raise RuntimeError(f"cluster.min_workers: the cluster has room for {count} workers with "
+                               f"{'1 GPU' if self.gpus else '1 CPU'} each, fewer than the "
+                               f"{wanted.min_workers} asked for")
+        if count < wanted.workers:
+            log.warning("starting with %d of %d workers: the cluster lacks resources; more join when it has them",
+                        count, wanted.workers)
+        workers = [self._new_worker() for _ in range(count)]
+        self.worker_info = ray.get([w.info.remote() for w in workers])
+        return workers
+
+    def _serve_metrics(self) -> str | None:
+        m = self.cfg.metrics
+        if m.port < 0:
+            return None
+        try:
+            port = self.metrics.serve(m.address, m.port)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise RuntimeError(f"metrics.port: {m.address}:{m.port} is already in use (another run on the "
+                                   "same port?); choose another port, 0 for any free one, or -1 for none") from None
+            raise RuntimeError(f"metrics.address: cannot serve metrics on {m.address!r} ({e.strerror or e}); "
+                               "give an address of this machine, such as 127.0.0.1 or 0.0.0.0") from None
+        return f"http://{m.address}:{port}/metrics"
 
     # -- workers ---------------------------------------------------------------------------------
     def _free_slots(self) -> int:
@@ -326,6 +347,8 @@ class Coordinator:
 
     # -- the loop --------------------------------------------------------------------------------
     def info(self) -> dict:
+        if self.start_error:
+            return {"error": self.start_error[0], "details": self.start_error[1]}
         return {"workers": ray.get([w.info.remote() for w in self.executor.workers]), "d": self.engine.d,
                 "run_dir": str(self.run_dir), "metrics_url": self.metrics_url, "step": self.step,
                 "pid": os.getpid(), "notes": list(self.notes)}
@@ -359,11 +382,12 @@ class Coordinator:
             self.messages_since_snapshot.append(outcome.message)
             alive = len(self.executor.workers)
             self.metrics.record(outcome.record, self.executor.query_rates.tolist(), alive)
-            records.append({**outcome.record, "workers_alive": alive, "workers_lost": self.executor.workers_lost,
+            records.append({**dataclasses.asdict(outcome.record), "workers_alive": alive,
+                            "workers_lost": self.executor.workers_lost,
                             "worker_restarts": self.restarts})
             self.step += 1
-            if outcome.record["theta_hash"]:
-                self.agreed = (self.step, outcome.record["theta_hash"])
+            if outcome.record.theta_hash:
+                self.agreed = (self.step, outcome.record.theta_hash)
             if self.step % every == 0:
                 self.writer.flush()
                 self._take_snapshot()

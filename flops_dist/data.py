@@ -130,6 +130,7 @@ class ParquetSource:
         self.location, self.columns = str(location), (input_column, label_column)
         self.input_shape, self.cache_bytes = tuple(input_shape), cache_bytes
         self.fs, self.parts = resolve_parts(self.location)
+        self._reset()
         self.groups: list[tuple[int, int]] = []  # (part, row group), in global order
         counts = []
         for part, path in enumerate(self.parts):
@@ -139,7 +140,11 @@ class ParquetSource:
                 self.groups.append((part, g))
                 counts.append(meta.row_group(g).num_rows)
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self._cache: OrderedDict[int, pa.Table] = OrderedDict()
+
+    def _reset(self) -> None:
+        self._cache: OrderedDict[int, pa.Table] = OrderedDict()  # decoded row groups, least recent first
+        self._cached_bytes = 0
+        self._files: OrderedDict[int, pq.ParquetFile] = OrderedDict()  # open parts: the footer is read once
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -150,14 +155,20 @@ class ParquetSource:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.fs, _ = resolve_parts(self.location)
-        self._cache = OrderedDict()
+        self._reset()
 
-    def _file(self, part: int) -> pq.ParquetFile:
+    def _file(self, part: int, keep_open: int = 64) -> pq.ParquetFile:
+        if part in self._files:
+            self._files.move_to_end(part)
+            return self._files[part]
         path = self.parts[part]
         try:
-            return pq.ParquetFile(self.fs.open_input_file(path))
+            self._files[part] = pq.ParquetFile(self.fs.open_input_file(path))
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+        if len(self._files) > keep_open:
+            self._files.popitem(last=False)
+        return self._files[part]
 
     def _check_schema(self, part: int, schema: pa.Schema) -> None:
         """Every part must hold the two columns with the first part's types."""
@@ -184,8 +195,9 @@ class ParquetSource:
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(f"{self.parts[part]}: cannot read row group {index} ({e})") from None
         self._cache[g] = table
-        while sum(t.nbytes for t in self._cache.values()) > self.cache_bytes and len(self._cache) > 1:
-            self._cache.popitem(last=False)
+        self._cached_bytes += table.nbytes
+        while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+            self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
         return table
 
     def rows(self, indices) -> ArrayDataset:

@@ -15,11 +15,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .allocators import BatchFeatures, make_allocator, variance_objective
+from .allocators import BatchFeatures, make_allocator, project_to_budget, variance_objective
 from .config import TrainConfig
 from .estimators import QueryLosses, estimate
+from .record import LAMBDA_NAMES, StepRecord
 from .sharding import QueryChunks, assign_chunks, chunk_costs, chunk_examples, gather_rows, plan_queries
 from .update import UpdateMessage
+
+
+class TrainingStopped(RuntimeError):
+    """A step whose result cannot be trusted: the message names the step and the likely cause."""
 
 
 class ReplicaDivergence(RuntimeError):
@@ -100,7 +105,7 @@ class LocalExecutor(Executor):
 
 @dataclass
 class StepOutcome:
-    record: dict          # one row of the run log
+    record: StepRecord    # one row of the run log
     message: UpdateMessage
     allocation: np.ndarray
 
@@ -112,6 +117,7 @@ class Engine:
             raise ValueError(f"train.batch_size: {cfg.batch_size} exceeds the dataset's {len(data)} examples")
         self.cfg, self.executor, self.data, self.d = cfg, executor, data, d
         self.n_examples = len(data)
+        self._permutation = (-1, None)  # (epoch, its permutation)
         self.budget = cfg.batch_size * cfg.queries_per_example // cfg.unit
         self.a_min = cfg.min_queries // cfg.unit
         self.allocator = make_allocator(cfg.allocator, pilot_units=self.a_min,
@@ -121,8 +127,9 @@ class Engine:
         """Batch t: slice t of a per-epoch permutation seeded by (run seed, epoch)."""
         per_epoch = self.n_examples // self.cfg.batch_size
         epoch, i = divmod(t, per_epoch)
-        perm = np.random.default_rng([self.cfg.seed, epoch, 2]).permutation(self.n_examples)
-        return perm[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]
+        if self._permutation[0] != epoch:  # one permutation of the whole set per epoch, made once
+            self._permutation = (epoch, np.random.default_rng([self.cfg.seed, epoch, 2]).permutation(self.n_examples))
+        return self._permutation[1][i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]
 
     def _evaluate(self, start, stop, seed_base) -> QueryLosses:
         cfg = self.cfg
@@ -136,50 +143,73 @@ class Engine:
 
     def step(self, t: int, batch: np.ndarray | None = None) -> StepOutcome:
         """Step t on batch t (or on the example indices `batch`, to pin one)."""
-        cfg = self.cfg
-        began = time.perf_counter()
+        cfg, began = self.cfg, time.perf_counter()
         batch = self.batch(t) if batch is None else np.asarray(batch, np.int64)
-        rows, pad = chunk_examples(np.arange(len(batch)), cfg.chunk_size)
-        clean_rows, emb_rows = self.executor.clean_forward(rows, self.data.rows(batch))
-        clean = clean_rows.reshape(-1)[:len(batch)].astype(np.float64)
-        embeddings = emb_rows.reshape(-1, emb_rows.shape[-1])[:len(batch)]
-        features = BatchFeatures(clean, embeddings)
+        features = self._clean_forward(batch)
+        usable = np.isfinite(features.losses) & np.isfinite(features.embeddings).all(axis=1)
         seed_base = int(np.random.default_rng([cfg.seed, t, 0]).integers(0, 2**61))
-        alloc_rng = np.random.default_rng([cfg.seed, t, 1])
         zeros = np.zeros(len(batch), np.int64)
-        rounds = []
-        pilot = self.allocator.pilot_units
-        if pilot:
-            rounds.append(self._evaluate(zeros, zeros + pilot, seed_base))
-            features.pilot_c_hat = estimate(rounds[0], clean, cfg.estimator, cfg.sigma, self.d, cfg.noise).c_hat
-        allocation, ask = self.allocator.allocate(features, self.budget, self.a_min, alloc_rng)
-        rounds.append(self._evaluate(zeros + pilot, allocation, seed_base))
+        pilot = zeros + self.allocator.pilot_units
+        rounds = [self._evaluate(zeros, pilot, seed_base)] if self.allocator.pilot_units else []
+        if rounds:
+            features.pilot_c_hat = self._estimate(rounds[0], features).c_hat
+        allocation, ask = self._allocate(features, usable, np.random.default_rng([cfg.seed, t, 1]))
+        rounds.append(self._evaluate(pilot, allocation, seed_base))
         queries = QueryLosses(*(np.concatenate([getattr(r, f) for r in rounds])
                                 for f in ("example", "seed", "sign", "loss")))
-        est = estimate(queries, clean, cfg.estimator, cfg.sigma, self.d, cfg.noise)
-        self.allocator.learn(ask, est.c_hat)
+        est = self._estimate(queries, features)
+        self._stop_if_dropped(t, est.dropped_queries, len(queries.loss))
+        if usable.any():
+            self.allocator.learn(ask, est.c_hat[usable] if not usable.all() else est.c_hat)
         msg = UpdateMessage(t, cfg.learning_rate, est.seeds, est.coefficients)
         self.executor.queue_update(msg)
         theta_hash = self.check_replicas(t) if cfg.hash_every and (t + 1) % cfg.hash_every == 0 else ""
-        used = est.units_used > 0
-        n_used = max(int(used.sum()), 1)
-        lam = self.allocator.parameters()
-        record = {
-            "step": t,
-            "loss": float(np.nanmean(np.where(np.isfinite(clean), clean, np.nan))) if np.isfinite(clean).any() else float("nan"),
-            "queries": int(len(queries.loss)),
-            "dropped_queries": est.dropped_queries,
-            "allocation_min": int(allocation.min()),
-            "allocation_mean": float(allocation.mean()),
-            "allocation_max": int(allocation.max()),
-            "allocation_gini": gini(allocation),
-            "variance_proxy": variance_objective(np.nan_to_num(est.c_hat[used]), allocation[used]) / n_used**2,
-            **{f"lambda_{k}": float(lam.get(k, np.nan)) for k in ("beta0", "beta1", "s", "gamma")},
-            "update_bytes": msg.nbytes,
-            "seconds": time.perf_counter() - began,
-            "theta_hash": theta_hash,
-        }
+        record = self._record(t, features, usable, allocation, len(queries.loss), est, msg, theta_hash,
+                              time.perf_counter() - began)
         return StepOutcome(record, msg, allocation)
+
+    def _clean_forward(self, batch: np.ndarray) -> BatchFeatures:
+        """Every replica takes the batch's rows; clean losses Φ and embeddings e of its examples."""
+        rows, _ = chunk_examples(np.arange(len(batch)), self.cfg.chunk_size)
+        clean_rows, emb_rows = self.executor.clean_forward(rows, self.data.rows(batch))
+        return BatchFeatures(clean_rows.reshape(-1)[:len(batch)].astype(np.float64),
+                             emb_rows.reshape(-1, emb_rows.shape[-1])[:len(batch)])
+
+    def _estimate(self, queries: QueryLosses, features: BatchFeatures):
+        cfg = self.cfg
+        return estimate(queries, features.losses, cfg.estimator, cfg.sigma, self.d, cfg.noise)
+
+    def _allocate(self, features: BatchFeatures, usable: np.ndarray, rng):
+        """A_j ≥ A_min with Σ A_j = N. An example with a non-finite clean loss or embedding gets
+        A_min and never reaches the allocator (its kernel's linear algebra would not survive it)."""
+        if usable.all():
+            return self.allocator.allocate(features, self.budget, self.a_min, rng)
+        if not usable.any():
+            return project_to_budget(np.ones(len(usable)), self.budget, self.a_min), None
+        allocation = np.full(len(usable), self.a_min, np.int64)
+        budget = self.budget - self.a_min * int((~usable).sum())
+        allocation[usable], ask = self.allocator.allocate(features.subset(usable), budget, self.a_min, rng)
+        return allocation, ask
+
+    def _stop_if_dropped(self, t: int, dropped: int, total: int) -> None:
+        if dropped and dropped >= self.cfg.stop_dropped_fraction * total:
+            raise TrainingStopped(
+                f"step {t}: {dropped} of {total} queries gave a NaN or inf loss (train.stop_dropped_fraction "
+                f"= {self.cfg.stop_dropped_fraction}); the loss or the data produce non-finite values")
+
+    def _record(self, t, features, usable, allocation, n_queries, est, msg, theta_hash, seconds) -> StepRecord:
+        used = est.units_used > 0
+        lam = self.allocator.parameters()
+        kept = allocation[usable] if usable.any() else allocation
+        return StepRecord(
+            step=t, loss=float(features.losses[usable].mean()) if usable.any() else float("nan"),
+            queries=n_queries,
+            dropped_queries=est.dropped_queries, dropped_examples=int((~usable).sum()),
+            allocation_min=int(kept.min()), allocation_mean=float(kept.mean()), allocation_max=int(kept.max()),
+            allocation_gini=gini(kept),
+            variance_proxy=variance_objective(np.nan_to_num(est.c_hat[used]), allocation[used]) / max(used.sum(), 1)**2,
+            **{f"lambda_{k}": float(lam.get(k, np.nan)) for k in LAMBDA_NAMES},
+            update_bytes=msg.nbytes, seconds=seconds, theta_hash=theta_hash)
 
     def check_replicas(self, t: int) -> str:
         """The replicas' common θ hash after step t; stops the run if they differ."""

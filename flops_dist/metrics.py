@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-LAMBDA_PARAMS = ("beta0", "beta1", "s", "gamma")
+from .record import LAMBDA_NAMES, StepRecord
+
 
 
 def peak_rss_bytes() -> int:
@@ -58,20 +59,19 @@ class RunMetrics:
             self.server.server_close()
             self.server = None
 
-    def record(self, record: dict, worker_rates: list[float], workers_alive: int) -> None:
+    def record(self, record: StepRecord, worker_rates: list[float], workers_alive: int) -> None:
         self.steps.inc()
-        self.queries.inc(record["queries"])
-        self.dropped.inc(record["dropped_queries"])
-        self.update_bytes.inc(record["update_bytes"])
-        self.step_seconds.observe(record["seconds"])
-        self.loss.set(record["loss"])
-        self.allocation.labels("min").set(record["allocation_min"])
-        self.allocation.labels("mean").set(record["allocation_mean"])
-        self.allocation.labels("max").set(record["allocation_max"])
-        self.gini.set(record["allocation_gini"])
-        self.variance.set(record["variance_proxy"])
-        for name in LAMBDA_PARAMS:
-            value = record[f"lambda_{name}"]
+        self.queries.inc(record.queries)
+        self.dropped.inc(record.dropped_queries)
+        self.update_bytes.inc(record.update_bytes)
+        self.step_seconds.observe(record.seconds)
+        self.loss.set(record.loss)
+        for stat in ("min", "mean", "max"):
+            self.allocation.labels(stat).set(getattr(record, f"allocation_{stat}"))
+        self.gini.set(record.allocation_gini)
+        self.variance.set(record.variance_proxy)
+        for name in LAMBDA_NAMES:
+            value = getattr(record, f"lambda_{name}")
             if value == value:  # only the flops allocator has λ
                 self.allocator_lambda.labels(name).set(value)
         self.workers_alive.set(workers_alive)

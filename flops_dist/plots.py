@@ -1,6 +1,7 @@
 """Pictures of a run: the loss curve and the allocation histograms, from its run log."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -9,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .runlog import read_log  # noqa: E402
+from .runlog import read_log, write_atomically  # noqa: E402
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
@@ -35,7 +36,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     ax_alloc.set(xlabel="queries per example (units)", ylabel="fraction of examples", title="allocation")
     ax_alloc.legend()
     fig.tight_layout()
-    out = run_dir / "run.png"
-    fig.savefig(out, dpi=100)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
     plt.close(fig)
-    return [out]
+    return [write_atomically(run_dir, "run.png", image.getvalue())]

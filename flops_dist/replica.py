@@ -45,6 +45,10 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class NonFiniteUpdate(RuntimeError):
+    """An update that would put NaN or inf into θ: refused, and the run stops before saving."""
+
+
 class Replica:
     def __init__(self, model: nn.Module, loss_fn, sample: ArrayDataset, spec: ReplicaSpec):
         # the same thread count everywhere: reductions over θ must not depend on the machine
@@ -115,8 +119,14 @@ class Replica:
             return
         if msg.step > self.updates_applied:
             raise RuntimeError(f"update for step {msg.step} reached a replica at step {self.updates_applied}")
-        self.theta, self.opt_state = apply_update(self.theta, self.opt_state, msg, self.spec.optimizer,
-                                                  self.spec.noise)
+        theta, opt_state = apply_update(self.theta, self.opt_state, msg, self.spec.optimizer, self.spec.noise)
+        if not (torch.isfinite(theta).all() and all(torch.isfinite(v).all() for v in opt_state.values())):
+            largest = float(np.abs(msg.coefficients).max()) if len(msg.coefficients) else 0.0
+            raise NonFiniteUpdate(
+                f"step {msg.step}: the update would make θ or the optimizer state non-finite (learning rate "
+                f"{msg.learning_rate}, largest |coefficient| {largest:.3g}); θ is kept as it was. Likely "
+                "causes: a learning rate or σ too large, or a damaged update log")
+        self.theta, self.opt_state = theta, opt_state
         self.updates_applied += 1
 
     def hash(self) -> str:

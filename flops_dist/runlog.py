@@ -13,6 +13,8 @@ before it. `scan_log` and `scan_snapshots` only read: `flops-dist verify` uses t
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -25,22 +27,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
+from .record import StepRecord, record_columns
 from .update import UpdateMessage, state_hash
 
 log = logging.getLogger("flops_dist")
 
-RUN_LOG_SCHEMA = pa.schema([
-    ("step", pa.int64()), ("loss", pa.float64()), ("queries", pa.int64()), ("dropped_queries", pa.int64()),
-    ("allocation_min", pa.int64()), ("allocation_mean", pa.float64()), ("allocation_max", pa.int64()),
-    ("allocation_gini", pa.float64()), ("variance_proxy", pa.float64()),
-    ("lambda_beta0", pa.float64()), ("lambda_beta1", pa.float64()), ("lambda_s", pa.float64()),
-    ("lambda_gamma", pa.float64()), ("update_bytes", pa.int64()), ("seconds", pa.float64()),
+_ARROW = {int: pa.int64(), float: pa.float64(), str: pa.string()}
+RUN_LOG_SCHEMA = pa.schema([(name, _ARROW[kind]) for name, kind in record_columns()] + [
     ("allocation", pa.list_(pa.int32())),
     ("allocator_state", pa.struct([(name, pa.float64()) for name in ("beta0", "beta1", "log_s", "log_gamma", "adam_step")]
                                   + [("adam_m", pa.list_(pa.float64())), ("adam_v", pa.list_(pa.float64()))])),
-    ("theta_hash", pa.string()),  # θ after this step's update, where the replicas were compared; else ""
     ("checksum", pa.string()),
 ])
 UPDATE_LOG_SCHEMA = pa.schema([
@@ -66,13 +64,16 @@ class Damage:
         return f"{self.path}: {self.why}"
 
 
-WRITTEN = ("config.json", "model.safetensors", "run.png", "run_log", "updates", "snapshots")
+WRITTEN = ("config.json", "sources.json", "model.safetensors", "run.png", "flops-dist.log", "run_log", "updates",
+           "snapshots")
 
 
 def check_run_dir(run_dir: str | Path) -> None:
     """Refuse a run directory whose files would land outside it (a symlink pointing away, or a
-    file where the directory should be)."""
+    file where the directory should be). write_atomically enforces the same at every depth."""
     run_dir = Path(run_dir)
+    if run_dir.is_symlink():
+        raise ValueError(f"output.run_dir: {run_dir} is a symbolic link; give the directory itself")
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"output.run_dir: {run_dir} exists and is not a directory")
     root = run_dir.resolve()
@@ -83,12 +84,76 @@ def check_run_dir(run_dir: str | Path) -> None:
                              "directory; refusing to write there")
 
 
-def write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def holds_run(run_dir: Path) -> bool:
+    return any((Path(run_dir) / name).exists() for name in ("config.json", "updates", "snapshots"))
+
+
+def _open_nofollow(name: str, flags: int, dir_fd: int | None, shown: Path) -> int:
+    try:
+        return os.open(name, flags | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise ValueError(f"output.run_dir: {shown} is a symbolic link or not a directory; refusing to "
+                             "write through it") from None
+        raise
+
+
+def _open_folder(run_dir: Path, folders: tuple[str, ...]) -> int:
+    """A descriptor of run_dir/folders…, each made where missing and opened without following a link."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = _open_nofollow(str(run_dir), os.O_RDONLY | os.O_DIRECTORY, None, run_dir)
+    for i, name in enumerate(folders):
+        try:
+            os.mkdir(name, dir_fd=fd)
+        except FileExistsError:
+            pass
+        try:
+            inner = _open_nofollow(name, os.O_RDONLY | os.O_DIRECTORY, fd, run_dir.joinpath(*folders[:i + 1]))
+        finally:
+            os.close(fd)
+        fd = inner
+    return fd
+
+
+def write_atomically(run_dir: str | Path, relative: str, data: bytes) -> Path:
+    """Write run_dir/relative whole: to a temporary file created anew (O_EXCL), then renamed over
+    the target. No link is followed at any depth below run_dir, so nothing lands outside it."""
+    run_dir, rel = Path(run_dir), Path(relative)
+    fd = _open_folder(run_dir, rel.parts[:-1])
+    try:
+        tmp = rel.name + ".tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=fd)  # a stale or planted one; unlink never follows a link
+        out = _open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, fd, run_dir / rel.parent / tmp)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(out, view):]
+            os.fsync(out)
+        finally:
+            os.close(out)
+        os.replace(tmp, rel.name, src_dir_fd=fd, dst_dir_fd=fd)
+    finally:
+        os.close(fd)
+    return run_dir / rel
+
+
+def append_text(run_dir: str | Path, name: str, text: str) -> Path:
+    """Append to run_dir/name, following no link (the run's log of tracebacks)."""
+    fd = _open_folder(Path(run_dir), ())
+    try:
+        out = _open_nofollow(name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, fd, Path(run_dir) / name)
+        with os.fdopen(out, "a") as f:
+            f.write(text)
+    finally:
+        os.close(fd)
+    return Path(run_dir) / name
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
 
 
 def set_aside(damage: Damage, notes: list[str] | None = None) -> None:
@@ -111,17 +176,14 @@ class RunLogWriter:
     """Buffers rows and writes each flush as one new segment per log."""
 
     def __init__(self, run_dir: str | Path):
-        self.run_dir = Path(run_dir)
-        for sub in ("run_log", "updates"):
-            (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+        self.run_dir = Path(run_dir)  # its folders are made by the first flush, not before
         self._run_rows: list[dict] = []
         self._update_rows: list[dict] = []
 
-    def append(self, record: dict, msg: UpdateMessage, allocation: np.ndarray, allocator_state) -> None:
+    def append(self, record: StepRecord, msg: UpdateMessage, allocation: np.ndarray, allocator_state) -> None:
         """One step's rows; `allocator_state` is the allocator's state dataclass after the step, or None."""
-        self._run_rows.append({**record, "allocation": allocation.astype(np.int32).tolist(),
-                               "allocator_state": None if allocator_state is None else asdict(allocator_state),
-                               "theta_hash": record.get("theta_hash", "")})
+        self._run_rows.append({**asdict(record), "allocation": allocation.astype(np.int32).tolist(),
+                               "allocator_state": None if allocator_state is None else asdict(allocator_state)})
         self._update_rows.append({"step": msg.step, "learning_rate": msg.learning_rate,
                                   "seeds": msg.seeds.tolist(), "coefficients": msg.coefficients.tolist()})
 
@@ -133,7 +195,7 @@ class RunLogWriter:
         for sub, rows in (("updates", self._update_rows), ("run_log", self._run_rows)):
             table = pa.Table.from_pylist(rows, SCHEMAS[sub].remove(SCHEMAS[sub].get_field_index("checksum")))
             table = table.append_column("checksum", pa.array(row_checksums(table), pa.string()))
-            write_atomically(self.run_dir / sub / name, lambda tmp: pq.write_table(table, tmp))
+            write_atomically(self.run_dir, f"{sub}/{name}", parquet_bytes(table))
         self._run_rows, self._update_rows = [], []
 
 
@@ -194,8 +256,7 @@ def truncate_log(run_dir: str | Path, sub: str, steps: int) -> None:
             path.unlink()
         elif last >= steps:
             kept = pq.read_table(path).slice(0, steps - first)
-            write_atomically(path.with_name(f"part-{first:08d}-{steps - 1:08d}.parquet"),
-                             lambda tmp: pq.write_table(kept, tmp))
+            write_atomically(run_dir, f"{sub}/part-{first:08d}-{steps - 1:08d}.parquet", parquet_bytes(kept))
             path.unlink()
 
 
@@ -220,10 +281,8 @@ class Snapshot:
 
 def save_snapshot(run_dir: str | Path, snap: Snapshot, keep: int = 3) -> Path:
     folder = Path(run_dir) / "snapshots"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step-{snap.step:08d}.safetensors"
     meta = {"step": str(snap.step), "hash": snap.hash, "format": "flops_dist.snapshot.v1"}
-    write_atomically(path, lambda tmp: save_file(snap.tensors, str(tmp), metadata=meta))
+    path = write_atomically(run_dir, f"snapshots/step-{snap.step:08d}.safetensors", save(snap.tensors, metadata=meta))
     for old in sorted(folder.glob("step-*.safetensors"))[:-keep]:
         old.unlink()
     return path
@@ -314,11 +373,9 @@ def content_hash(tensors: dict[str, np.ndarray]) -> str:
 
 def save_model(run_dir: str | Path, state: dict[str, np.ndarray], step: int, theta_hash: str) -> Path:
     """model.safetensors, carrying θ's hash (the last snapshot's and run log's) and its own content hash."""
-    path = Path(run_dir) / "model.safetensors"
     meta = {"format": "flops_dist.model.v1", "step": str(step), "hash": theta_hash,
             "content_sha256": content_hash(state)}
-    write_atomically(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
-    return path
+    return write_atomically(run_dir, "model.safetensors", save(state, metadata=meta))
 
 
 def check_model(path: Path) -> tuple[dict[str, str], str]:

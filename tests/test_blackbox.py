@@ -59,7 +59,7 @@ def train_locally(loss, steps, allocator="flops"):
 def test_training_through_a_black_box_lowers_the_loss_and_never_differentiates_it():
     # FrozenNetLoss asserts that autograd is off on every call
     rep, records = train_locally(FrozenNetLoss(), steps=80)
-    first, last = np.mean([r["loss"] for r in records[:10]]), np.mean([r["loss"] for r in records[-10:]])
+    first, last = np.mean([r.loss for r in records[:10]]), np.mean([r.loss for r in records[-10:]])
     assert last < 0.8 * first
     assert rep.score(blobs(), "accuracy") > 0.6  # three classes: chance is 1/3
 
@@ -68,7 +68,7 @@ def test_a_black_box_in_another_process_trains_exactly_like_the_module():
     local, _ = train_locally(FrozenNetLoss(), steps=6)
     remote, records = train_locally(SubprocessNetLoss(), steps=6)
     torch.testing.assert_close(remote.theta, local.theta, rtol=1e-5, atol=1e-6)
-    assert all(r["queries"] == 24 * 8 for r in records)
+    assert all(r.queries == 24 * 8 for r in records)
 
 
 def test_prompt_targets_map_theta_to_prompts():

@@ -36,18 +36,18 @@ def test_one_and_three_replicas_give_bit_identical_parameters(train):
 
 def test_budget_is_spent_exactly():
     _, records = run_local(1, allocator="flops", steps=3)
-    assert all(r["queries"] == 24 * 8 for r in records)
+    assert all(r.queries == 24 * 8 for r in records)
 
 
 def test_nan_losses_are_dropped_and_theta_stays_finite():
     reps, records = run_local(2, loss=nan_for_class_two, allocator="flops")
-    assert sum(r["dropped_queries"] for r in records) > 0
+    assert sum(r.dropped_queries for r in records) > 0
     assert torch.isfinite(reps[0].theta).all()
 
 
 def test_training_lowers_the_loss():
     _, records = run_local(1, steps=60, allocator="flops")
-    first, last = np.mean([r["loss"] for r in records[:10]]), np.mean([r["loss"] for r in records[-10:]])
+    first, last = np.mean([r.loss for r in records[:10]]), np.mean([r.loss for r in records[-10:]])
     assert last < 0.8 * first
 
 

@@ -1,0 +1,34 @@
+"""One step's record: the schema of the run log, the source of the Prometheus metrics and of the
+progress line. Adding a field here adds it everywhere."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+LAMBDA_NAMES = ("beta0", "beta1", "s", "gamma")  # the flops allocator's λ, as reported
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    step: int
+    loss: float                 # mean clean loss of the batch's usable examples
+    queries: int
+    dropped_queries: int        # queries whose loss (or baseline) was NaN or inf: left out of the estimate
+    dropped_examples: int       # examples with a non-finite clean loss or embedding: kept from the allocator
+    allocation_min: int         # units per example (pairs for the antithetic estimator)
+    allocation_mean: float
+    allocation_max: int
+    allocation_gini: float
+    variance_proxy: float       # Σ ĉ_j / A_j / B'²
+    lambda_beta0: float         # NaN for allocators without λ
+    lambda_beta1: float
+    lambda_s: float
+    lambda_gamma: float
+    update_bytes: int
+    seconds: float
+    theta_hash: str = ""        # θ after this step's update, where the replicas were compared
+
+
+def record_columns() -> list[tuple[str, type]]:
+    """(name, Python type) of every field, in order: what the run log's schema is made from."""
+    kinds = {"int": int, "float": float, "str": str}
+    return [(f.name, kinds[f.type]) for f in fields(StepRecord)]
