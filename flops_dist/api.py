@@ -26,7 +26,7 @@ from torch import nn
 from .config import Config, ConfigError
 from .coordinator import RemoteCoordinator
 from .data import ArrayDataset
-from .loading import as_dataset, build_model, load_callable, sample_rows  # noqa: F401 (the API's loaders)
+from .loading import as_dataset, build_model, check_resume, load_callable, sample_rows  # noqa: F401 (the API's loaders)
 from .losses import as_loss
 from .replica import Replica, ReplicaSpec
 from .runlog import check_run_dir, read_log
@@ -138,6 +138,8 @@ def train(model: nn.Module, loss_fn, train_data, config: Config, test_data=None,
         check_run_dir(cfg.output.run_dir)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if resume:
+        check_resume(cfg, Path(cfg.output.run_dir))
     start_ray(cfg)
     ship_by_value(model, loss_fn)
     refs = {"model": ray.put(model), "loss_fn": ray.put(loss_fn), "sample": ray.put(sample),

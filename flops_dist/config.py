@@ -205,7 +205,7 @@ def apply_overrides(raw: dict, overrides: list[str], allowed: tuple[str, ...] | 
         if not sep or "." not in key:
             raise ConfigError(f"--set {item!r}: expected section.field=value")
         if allowed is not None and not any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed):
-            raise ConfigError(f"--set {key}: cannot change on resume, it would change the steps already logged; "
+            raise ConfigError(f"--set {key}: cannot change when a run resumes: it would change the steps already logged; "
                               "only train.steps, cluster.*, metrics.*, output.log_every and output.snapshot_every may")
         try:
             parsed = tomllib.loads(f"v = {value}")["v"]

@@ -184,10 +184,11 @@ class Coordinator:
         self.notes: list[str] = []  # what recovery set aside or rolled back, for the user
         self.metrics = RunMetrics()
         self.metrics_url = self._serve_metrics()
+        # config.json says what the run is now: where it lives, how many steps it is to have
+        write_atomically(self.run_dir, "config.json", json.dumps(dataclasses.asdict(cfg), indent=2).encode())
         if resume:
             self._resume()
         else:
-            write_atomically(self.run_dir, "config.json", json.dumps(dataclasses.asdict(cfg), indent=2).encode())
             write_atomically(self.run_dir, "sources.json", json.dumps(source_hashes(cfg), indent=2).encode())
             self._take_snapshot()
         self.metrics.workers_alive.set(len(workers))

@@ -70,7 +70,8 @@ def estimate(q: QueryLosses, clean_loss: np.ndarray, estimator: str, sigma: floa
              noise_kind: str) -> Estimate:
     """Coefficients of ĝ = Σ_s c_s u(seed_s) and the per-example ĉ_j (module docstring)."""
     batch = len(clean_loss)
-    example, seed, delta, dropped = _unit_differences(q, np.asarray(clean_loss, np.float64), estimator)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf − inf is a dropped query, counted below, not news
+        example, seed, delta, dropped = _unit_differences(q, np.asarray(clean_loss, np.float64), estimator)
     finite = np.isfinite(delta)
     units_used = np.bincount(example[finite], minlength=batch)
     contributing = int((units_used > 0).sum())

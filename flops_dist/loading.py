@@ -7,18 +7,20 @@ run records the sha256 of those files (and of `model.weights`) in sources.json a
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import importlib.util
 import json
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 from torch import nn
 
-from .config import Config, ConfigError
+from .config import RESUMABLE, Config, ConfigError, read_raw
 from .data import ArrayDataset, DataError, ParquetSource, table_to_arrays
 
 SOURCE_FIELDS = ("model.factory", "model.loss", "model.weights")
@@ -35,7 +37,7 @@ def load_callable(spec: str, field: str):
     except ConfigError:
         raise
     except Exception as e:  # the user's module raised while it was imported
-        raise ConfigError(f"{field}: {path_part} failed to import: {type(e).__name__}: {e}") from e
+        raise ConfigError(f"{field}: {path_part} failed on import: {type(e).__name__}: {e}{_where(e, path_part)}") from e
     if not hasattr(module, attr):
         raise ConfigError(f"{field}: {path_part!r} has no attribute {attr!r}")
     return getattr(module, attr)
@@ -57,6 +59,12 @@ def _import(path_part: str, field: str):
     return module
 
 
+def _where(error: BaseException, path: str) -> str:
+    """' (at file.py:LINE)', the last line of the user's file that the error passed through."""
+    lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__) if frame.filename == path]
+    return f" (at {Path(path).name}:{lines[-1]})" if lines else ""
+
+
 def build_model(cfg: Config) -> nn.Module:
     """The model from `model.factory`, with `model.weights` loaded into it."""
     if not cfg.model.factory:
@@ -65,7 +73,8 @@ def build_model(cfg: Config) -> nn.Module:
     try:
         model = factory()
     except Exception as e:
-        raise ConfigError(f"model.factory: {cfg.model.factory} raised {type(e).__name__}: {e}") from e
+        where = _where(e, cfg.model.factory.partition(":")[0])
+        raise ConfigError(f"model.factory: {cfg.model.factory} raised {type(e).__name__}: {e}{where}") from e
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.factory: returned {type(model).__name__}, not a torch.nn.Module")
     if cfg.model.weights:
@@ -116,6 +125,20 @@ def sha256_file(path: str) -> str:
 def source_hashes(cfg: Config) -> dict[str, dict[str, str]]:
     """What sources.json records: {field: {"path": ..., "sha256": ...}}."""
     return {field: {"path": path, "sha256": sha256_file(path)} for field, path in source_files(cfg).items()}
+
+
+def check_resume(cfg: Config, run_dir: Path) -> None:
+    """A resumed run must compute what its logged steps computed: every setting outside RESUMABLE
+    must equal the one recorded at its start."""
+    recorded = read_raw(run_dir / "config.json")
+    for section, values in dataclasses.asdict(cfg).items():
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            resumable = any(key == a or (a.endswith(".") and key.startswith(a)) for a in RESUMABLE)
+            if not resumable and key != "output.run_dir" and recorded.get(section, {}).get(name) != value:
+                raise ConfigError(f"{key}: cannot change when a run resumes (recorded "
+                                  f"{recorded.get(section, {}).get(name)!r}, given {value!r}): it would change the "
+                                  "steps already logged")
 
 
 def check_sources(cfg: Config, recorded_file: Path) -> None:
