@@ -101,10 +101,12 @@ class Engine:
         loss[chunks.index[valid]] = losses[valid]
         return QueryLosses(plan.example, plan.seed, plan.sign, loss)
 
-    def step(self, t: int) -> StepOutcome:
+    def step(self, t: int, batch: np.ndarray | None = None) -> StepOutcome:
+        """Step t on batch(t), or on the given dataset indices: a benchmark pins a batch and varies t
+        to draw new query seeds and allocations for the same examples."""
         cfg = self.cfg
         began = time.perf_counter()
-        batch = self.batch(t)
+        batch = self.batch(t) if batch is None else np.asarray(batch, np.int64)
         rows, pad = chunk_examples(batch, cfg.chunk_size)
         clean_rows, emb_rows = self.executor.clean_forward(rows)
         clean = clean_rows.reshape(-1)[:len(batch)].astype(np.float64)
