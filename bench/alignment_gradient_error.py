@@ -1,6 +1,6 @@
 """How much each allocator cuts the gradient-estimate error on the alignment application.
 
-    python bench/alignment_gradient_error.py [--steps 150] [--reps 16] [--batches 6]
+    python bench/alignment_gradient_error.py [--steps 150] [--reps 16] [--batches 6] [--smoke]
 
 Final accuracy moves little with the allocator (bench/blackbox_apps.py); this measures the
 quantity the allocators minimise, as bench/allocators_digits.py does for digits. The frozen part
@@ -15,34 +15,34 @@ g-gain = Σ gᵀĝ̄ / Σ ‖g‖² is 1 for an unbiased estimate, below 1 where
 flops is measured at the λ its own seed-0 run had learned by that step. The oracle is the exact
 integer optimum on the true c_j = (d − 1)‖g_j‖²: the least any unbiased allocation can reach.
 B = 32, A₀ = 4, A_min = 2, the lr estimator, as in the bench's alignment runs.
+--smoke: 3 steps, 2 batches × 3 repeats; the example's data is prepared under bench/out if missing.
 """
 import argparse
 
 import numpy as np
 import torch
 
-from blackbox_apps import Application
-from common import gradient_errors, jackknife_ratio, oracle_ratio
-from flops_dist.api import build_model
+from common import Application, gradient_errors, jackknife_ratio, oracle_ratio
+from flops_dist.loading import build_model
 from flops_dist.engine import Engine, LocalExecutor
 
 ALLOCATORS = ("uniform", "bernoulli", "neyman", "flops")
 
 
 def trajectory(app, allocator, checkpoints):
-    """θ (and the allocator's raw λ) of a seed-0 run at the checkpoint steps."""
+    """θ (a replica snapshot) and the allocator's state (λ, for flops) of a seed-0 run at the
+    checkpoint steps."""
     cfg = app.config(allocator)
     replica = app.replica(cfg)
-    engine = Engine(cfg.train, LocalExecutor([replica]), len(app.train), replica.d)
-    thetas, lambdas = {}, {}
+    engine = Engine(cfg.train, LocalExecutor([replica]), app.train, replica.d)
+    snapshots, lambdas = {}, {}
     for t in range(max(checkpoints) + 1):
         if t in checkpoints:
-            thetas[t] = replica.theta.clone()
-            if hasattr(engine.allocator, "raw"):
-                lambdas[t] = engine.allocator.raw.detach().clone()
+            snapshots[t] = replica.snapshot_tensors()
+            lambdas[t] = engine.allocator.state
         if t < max(checkpoints):
             engine.step(t)
-    return thetas, lambdas
+    return snapshots, lambdas
 
 
 def main():
@@ -50,12 +50,15 @@ def main():
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--reps", type=int, default=16)
     parser.add_argument("--batches", type=int, default=6)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: proves the bench still runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.reps, args.batches = 3, 3, 2
     torch.set_num_threads(1)
     app = Application("alignment")
     t = app.cfg.train
     checkpoints = (0, args.steps // 3, args.steps)
-    thetas, _ = trajectory(app, "uniform", checkpoints)
+    snapshots, _ = trajectory(app, "uniform", checkpoints)
     _, lambdas = trajectory(app, "flops", checkpoints)
     rng = np.random.default_rng(123)
     d = sum(p.numel() for p in build_model(app.cfg).parameters())
@@ -65,13 +68,13 @@ def main():
           + " ".join(f"{a:>9}" for a in ALLOCATORS))
     for step in checkpoints:
         replica = app.replica(app.config("uniform"))
-        replica.theta = thetas[step].clone()
+        replica.restore(snapshots[step], step, [])
         batches = [rng.choice(len(app.train), t.batch_size, replace=False) for _ in range(args.batches)]
         # flops is measured with its learned λ frozen (allocator learning rate 0)
-        errors = {a: gradient_errors(app.config(a, allocator_learning_rate=0.0).train, replica, len(app.train),
+        errors = {a: gradient_errors(app.config(a, allocator_learning_rate=0.0).train, replica, app.train,
                                      batches, args.reps, lambdas.get(step) if a == "flops" else None)
                   for a in ALLOCATORS}
-        oracle, _ = oracle_ratio(replica, batches, t.batch_size * t.queries_per_example, t.min_queries)
+        oracle, _ = oracle_ratio(replica, app.train, batches, t.batch_size * t.queries_per_example, t.min_queries)
         cells = []
         for a in ALLOCATORS[1:]:
             ratio, se = jackknife_ratio(errors[a][:, 0], errors["uniform"][:, 0])

@@ -1,6 +1,7 @@
 """Allocators side by side on the digits fine-tuning of the main job, at an equal query budget.
 
     python bench/allocators_digits.py [--seeds 3] [--steps 300] [--reps 16] [--batches 6] [--lrs 0.1,0.2]
+                                      [--smoke]
 
 The job is examples/digits/digits.toml: TinyViT pretrained by backprop on digits 0-4, its `head`
 (330 parameters) fine-tuned forward-only on all 10 digits; B = 32, A₀ = 8 (every allocator spends
@@ -35,8 +36,9 @@ which the tests prove bit-identical to the Ray path: the same math, without Ray'
    final train loss. Queries to a train-loss target: the target is uniform's final train loss at the
    first rate; the curve is the seed-mean loss under a 20-step running mean; ratio to uniform's.
 
-Writes the table to bench/out/allocators_digits.txt and loss-vs-queries to
-bench/out/allocators_digits.png.
+Writes the table to allocators_digits.txt and loss-vs-queries to allocators_digits.png in a new
+directory bench/out/allocators_digits-*. --smoke: 1 seed, 4 steps, 2 batches × 3 repeats; the
+example's data is prepared under bench/out if missing.
 """
 import argparse
 import sys
@@ -45,8 +47,8 @@ import time
 import numpy as np
 import torch
 
-from common import OUT, digits_config, gradient_errors, jackknife_ratio, oracle_ratio
-from flops_dist.api import build_model, load_callable
+from common import digits_config, fresh_dir, gradient_errors, jackknife_ratio, oracle_ratio
+from flops_dist.loading import build_model, load_callable
 from flops_dist.data import load_dataset
 from flops_dist.engine import Engine, LocalExecutor
 from flops_dist.replica import Replica, ReplicaSpec
@@ -82,24 +84,25 @@ class Setup:
 
 
 def train(setup, name, seed, lr, steps, checkpoints=()):
-    """One run; returns per-step clean losses, test accuracy, and θ and λ at the checkpoints."""
+    """One run; returns per-step clean losses, test accuracy, and at the checkpoints a replica
+    snapshot (θ), the allocator's state and its λ."""
     cfg = config(name, train__seed=seed, train__learning_rate=lr, train__steps=steps)
     replica = setup.replica(cfg)
-    engine = Engine(cfg.train, LocalExecutor([replica]), len(setup.train), replica.d)
-    losses, thetas, lambdas = [], {}, {}
+    engine = Engine(cfg.train, LocalExecutor([replica]), setup.train, replica.d)
+    losses, snapshots, states, lambdas = [], {}, {}, {}
     for t in range(steps + 1):
         if t in checkpoints:
-            thetas[t] = replica.theta.clone()
-            if hasattr(engine.allocator, "raw"):
-                lambdas[t] = engine.allocator.raw.detach().clone()
+            snapshots[t] = replica.snapshot_tensors()
+            states[t], lambdas[t] = engine.allocator.state, engine.allocator.parameters()
         if t < steps:
-            losses.append(engine.step(t).record["loss"])
-    return dict(loss=np.array(losses), accuracy=replica.score(setup.test, "accuracy"), theta=thetas, raw=lambdas)
+            losses.append(engine.step(t).record.loss)
+    return dict(loss=np.array(losses), accuracy=replica.score(setup.test, "accuracy"), snapshot=snapshots,
+                allocator_state=states, lam=lambdas)
 
 
-def show_lambda(raw):
-    b0, b1, log_s, log_g = raw.tolist()
-    return f"β0 {b0:.2f} β1 {b1:.2f} s {np.exp(log_s):.3f} γ {np.exp(log_g):.2f} (β1/β0 {b1 / b0:.2f}, s/β0 {np.exp(log_s) / b0:.3f})"
+def show_lambda(lam):
+    b0, b1, s, g = lam["beta0"], lam["beta1"], lam["s"], lam["gamma"]
+    return f"β0 {b0:.2f} β1 {b1:.2f} s {s:.3f} γ {g:.2f} (β1/β0 {b1 / b0:.2f}, s/β0 {s / b0:.3f})"
 
 
 def running_mean(x, w=WINDOW):
@@ -114,7 +117,10 @@ def main():
     parser.add_argument("--reps", type=int, default=16, help="repeats of each gradient estimate")
     parser.add_argument("--batches", type=int, default=6, help="fixed batches per checkpoint")
     parser.add_argument("--lrs", default="0.1,0.2", help="SGD learning rates; the first is the job's")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: proves the bench still runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.seeds, args.steps, args.reps, args.batches = 1, 4, 3, 2
     torch.set_num_threads(1)  # small ops on a shared machine: more threads are far slower
     lrs = [float(x) for x in args.lrs.split(",")]
     began = time.perf_counter()
@@ -131,6 +137,8 @@ def main():
     def progress(msg):
         print(f"[{time.perf_counter() - began:6.0f}s] {msg}", file=sys.stderr, flush=True)
 
+    out = fresh_dir("allocators_digits")
+    progress(f"writing to {out}")
     runs = {}  # (name, lr, seed) -> result
     for lr in lrs:
         for seed in range(args.seeds):
@@ -149,13 +157,13 @@ def main():
     replica = setup.replica(cfg)
     errors, oracle = {}, {}
     for t in checkpoints:
-        replica.theta = base["theta"][t].clone()
-        oracle[t] = oracle_ratio(replica, batches, budget, cfg.train.min_queries)
+        replica.restore(base["snapshot"][t], t, [])
+        oracle[t] = oracle_ratio(replica, setup.train, batches, budget, cfg.train.min_queries)
         for name in ALLOCATORS:
-            raw = runs["flops", lrs[0], 0]["raw"][t] if name == "flops" else None
+            state = runs["flops", lrs[0], 0]["allocator_state"][t] if name == "flops" else None
             # flops is measured as flops-frozen (no optimizer: λ does not move) with its learned λ loaded
             measured = config("flops-frozen" if name == "flops" else name)
-            errors[name, t] = gradient_errors(measured.train, replica, len(setup.train), batches, args.reps, raw)
+            errors[name, t] = gradient_errors(measured.train, replica, setup.train, batches, args.reps, state)
         progress(f"measured gradient errors at step {t}")
 
     emit(f"digits head fine-tuning, d = {replica.d}, B = {cfg.train.batch_size}, budget {budget} queries/step "
@@ -176,7 +184,7 @@ def main():
             cells += [jackknife_ratio(e[:, 2], e[:, 3]), jackknife_ratio(e[:, 4], e[:, 3])]
             emit(f"   {name:14s}" + "".join(f"{m:>9.3f} ± {s:.3f}" for m, s in cells))
     emit("   flops λ of seed 0 (allocations depend only on β1/β0 and s/β0): " + "; ".join(
-        f"step {t}: {show_lambda(runs['flops', lrs[0], 0]['raw'][t])}" for t in checkpoints))
+        f"step {t}: {show_lambda(runs['flops', lrs[0], 0]['lam'][t])}" for t in checkpoints))
     emit()
 
     def finals(name, lr):  # per seed: final train loss, test accuracy
@@ -192,7 +200,7 @@ def main():
         emit(f"   {name:14s}{acc.mean():>10.4f} ± {acc.std():.4f}{loss.mean():>16.4f} ± {loss.std():.4f}"
              f"{diff.mean():>+16.4f} ± {diff.std():.4f}")
     emit("   flops λ at the end, per seed: "
-         + "; ".join(show_lambda(runs["flops", lrs[0], s]["raw"][args.steps]) for s in range(args.seeds)))
+         + "; ".join(show_lambda(runs["flops", lrs[0], s]["lam"][args.steps]) for s in range(args.seeds)))
     emit()
 
     curves = {(name, lr): running_mean(np.mean([runs[name, lr, s]["loss"] for s in range(args.seeds)], 0))
@@ -218,8 +226,7 @@ def main():
     emit()
     emit(f"runtime {time.perf_counter() - began:.0f} s")
 
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "allocators_digits.txt").write_text("\n".join(lines) + "\n")
+    (out / "allocators_digits.txt").write_text("\n".join(lines) + "\n")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -233,7 +240,7 @@ def main():
            yscale="log", title="digits head, forward-only, equal query budget")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(OUT / "allocators_digits.png", dpi=120)
+    fig.savefig(out / "allocators_digits.png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The black-box applications side by side: allocators × estimators at an equal query budget.
 
     python bench/blackbox_apps.py [--apps alignment,prompt] [--seeds 3] [--alignment-steps 300]
-                                  [--prompt-steps 80]
+                                  [--prompt-steps 80] [--smoke]
 
 Applications (their examples' configs, with a smaller budget so that the allocators have work):
 - alignment: examples/digits_alignment; W (384 × 16) learned forward-only; metric: retrieval
@@ -22,106 +22,56 @@ less noisy than accuracy on a small test set): the final value, mean ± std over
 needed to reach a target value, read off the seed-mean curve (evaluated every 2 steps for
 alignment, every 10 for prompt), as a ratio against uniform with the lr estimator. The target is
 fixed by a rule set before any run: 90% of the way from the start to uniform/lr's final seed-mean
-value (so uniform/lr always reaches it). Per-seed ratios are printed too. Saves
-bench/out/blackbox_apps.txt, blackbox_apps_curves.png (metric against queries spent) and
-blackbox_apps_allocations.png (allocation histograms).
+value (so uniform/lr always reaches it). Per-seed ratios are printed too. Saves, in a new
+directory bench/out/blackbox_apps-*, blackbox_apps.txt, blackbox_apps_curves.png (metric against
+queries spent) and blackbox_apps_allocations.png (allocation histograms).
+--smoke: 2 seeds, 4 alignment steps and 1 prompt step, 16 held-out examples; the examples' data is
+prepared under bench/out if missing.
 """
 import argparse
-import copy
-import subprocess
-import sys
 import time
-import tomllib
 
 import numpy as np
 import torch
 
-from common import OUT, ROOT
-from flops_dist.api import build_model, load_callable
-from flops_dist.config import Config
-from flops_dist.data import ArrayDataset, load_dataset
+from common import APPS, Application, fresh_dir
+from flops_dist.loading import build_model
 from flops_dist.engine import Engine, LocalExecutor
-from flops_dist.replica import Replica, ReplicaSpec
 
-APPS = {
-    "alignment": dict(example="digits_alignment", toml="alignment.toml", data_file="align_train.parquet",
-                      train=dict(batch_size=32, queries_per_example=4, min_queries=2, chunk_size=64),
-                      steps=300, eval_every=2, test_size=600),
-    "prompt": dict(example="sentiment_prompt", toml="prompt_code.toml", data_file="tweets_train.parquet",
-                   train=dict(batch_size=8, queries_per_example=4, min_queries=2, chunk_size=16),
-                   steps=80, eval_every=10, test_size=200),
-}
 ALLOCATORS = ("uniform", "bernoulli", "neyman", "flops")
 ESTIMATORS = ("lr", "antithetic")
 
 
-def prepared(app: dict):
-    """The example's data under bench/out (made once), and its config with the bench budget."""
-    example = ROOT / "examples" / app["example"]
-    data = OUT / app["example"]
-    if not (data / app["data_file"]).exists():
-        subprocess.run([sys.executable, str(example / "prepare.py"), str(data)], check=True)
-    raw = tomllib.loads((example / app["toml"]).read_text())
-    for split in ("train", "test"):
-        raw["data"][split] = str(data / (raw["data"][split].split("/")[-1]))
-    raw["train"].update(app["train"], hash_every=0)
-    return Config.from_dict(raw, example)
+def run(app: Application, allocator: str, estimator: str, seed: int, steps: int) -> dict:
+    """One training run: held-out accuracy and loss against queries spent, and every allocation."""
+    cfg = app.config(allocator, estimator=estimator, seed=seed)
+    t = cfg.train
+    replica = app.replica(cfg)
+    engine = Engine(t, LocalExecutor([replica]), app.train, replica.d)
+    spent, queries, allocations = 0, [0], []
+    scores = [evaluate(app, replica)]
+    for step in range(steps):
+        out = engine.step(step)
+        spent += out.record.queries
+        allocations.append(out.allocation * t.unit)  # in queries, for both estimators
+        if (step + 1) % app.app["eval_every"] == 0 or step + 1 == steps:
+            queries.append(spent)
+            scores.append(evaluate(app, replica))
+    accuracy, loss = np.array(scores).T
+    return dict(queries=np.array(queries), metric=accuracy, loss=loss, allocations=np.concatenate(allocations))
 
 
-class Application:
-    def __init__(self, name: str):
-        self.name, self.app = name, APPS[name]
-        self.cfg = prepared(self.app)
-        d = self.cfg.data
-        self.loss_fn = load_callable(self.cfg.model.loss, "model.loss")
-        self.loss_fn.ensure_loaded(torch.device("cpu"))  # one frozen model for every run here
-        self.train = load_dataset(d.train, d.input_column, d.label_column)
-        test = load_dataset(d.test, d.input_column, d.label_column)
-        n = self.app["test_size"]
-        self.test = ArrayDataset(test.inputs[:n], test.labels[:n])
-
-    def config(self, allocator: str, **train) -> Config:
-        """The application's config with another allocator and `train` fields."""
-        cfg = copy.deepcopy(self.cfg)
-        cfg.train.allocator = allocator
-        for name, value in train.items():
-            setattr(cfg.train, name, value)
-        return cfg.validate()
-
-    def replica(self, cfg: Config) -> Replica:
-        t = cfg.train
-        spec = ReplicaSpec(include=cfg.target.include, sigma=t.sigma, noise=t.noise,
-                           optimizer=t.optimizer_config(), threads=1, device="cpu")
-        return Replica(build_model(cfg), self.loss_fn, self.train, spec)
-
-    def run(self, allocator: str, estimator: str, seed: int, steps: int) -> dict:
-        cfg = self.config(allocator, estimator=estimator, seed=seed)
-        t = cfg.train
-        replica = self.replica(cfg)
-        engine = Engine(t, LocalExecutor([replica]), len(self.train), replica.d)
-        spent, queries, allocations = 0, [0], []
-        scores = [self.evaluate(replica)]
-        for step in range(steps):
-            out = engine.step(step)
-            spent += out.record["queries"]
-            allocations.append(out.allocation * t.unit)  # in queries, for both estimators
-            if (step + 1) % self.app["eval_every"] == 0 or step + 1 == steps:
-                queries.append(spent)
-                scores.append(self.evaluate(replica))
-        accuracy, loss = np.array(scores).T
-        return dict(queries=np.array(queries), metric=accuracy, loss=loss, allocations=np.concatenate(allocations))
-
-    @torch.no_grad()
-    def evaluate(self, replica, chunk: int = 100) -> tuple[float, float]:
-        """Held-out accuracy and mean loss from one pass (both losses are the cross-entropy of scores)."""
-        correct = total = 0.0
-        for start in range(0, len(self.test), chunk):
-            x = replica.inputs.new_tensor(self.test.inputs[start:start + chunk])
-            y = replica.labels.new_tensor(self.test.labels[start:start + chunk])
-            logits = replica.forward.scores(replica.forward.call(replica.theta, x), x)
-            correct += float((logits.argmax(-1) == y).sum())
-            total += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-        return correct / len(self.test), total / len(self.test)
+@torch.no_grad()
+def evaluate(app: Application, replica, chunk: int = 100) -> tuple[float, float]:
+    """Held-out accuracy and mean loss from one pass (both losses are the cross-entropy of scores)."""
+    correct = total = 0.0
+    for start in range(0, len(app.test), chunk):
+        x = replica.inputs.new_tensor(app.test.inputs[start:start + chunk])
+        y = replica.labels.new_tensor(app.test.labels[start:start + chunk])
+        logits = replica.forward.scores(replica.forward.call(replica.theta, x), x)
+        correct += float((logits.argmax(-1) == y).sum())
+        total += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+    return correct / len(app.test), total / len(app.test)
 
 
 def queries_to(curve_q: np.ndarray, curve_m: np.ndarray, target: float, lower: bool = False) -> float:
@@ -136,12 +86,16 @@ def main():
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--alignment-steps", type=int, default=APPS["alignment"]["steps"])
     parser.add_argument("--prompt-steps", type=int, default=APPS["prompt"]["steps"])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: proves the bench still runs")
     args = parser.parse_args()
+    test_size = None
+    if args.smoke:
+        args.seeds, args.alignment_steps, args.prompt_steps, test_size = 2, 4, 1, 16
     torch.set_num_threads(1)
-    OUT.mkdir(parents=True, exist_ok=True)
+    out = fresh_dir("blackbox_apps")
     lines, results = [], {}
     for name in args.apps.split(","):
-        app = Application(name)
+        app = Application(name, test_size)
         steps = getattr(args, f"{name}_steps")
         t = app.cfg.train
         d = sum(p.numel() for p in build_model(app.cfg).parameters())
@@ -154,15 +108,15 @@ def main():
         for estimator in ESTIMATORS:
             for allocator in ALLOCATORS:
                 began = time.perf_counter()
-                runs = [app.run(allocator, estimator, seed, steps) for seed in range(args.seeds)]
+                runs = [run(app, allocator, estimator, seed, steps) for seed in range(args.seeds)]
                 results[name][(allocator, estimator)] = runs
                 print(f"   {allocator}/{estimator}: {time.perf_counter() - began:.0f}s", flush=True)
         table = report(results[name], "metric") + report(results[name], "loss")
         lines += table
         print("\n".join(table), flush=True)
-    (OUT / "blackbox_apps.txt").write_text("\n".join(lines) + "\n")
-    plot(results)
-    print(f"wrote {OUT / 'blackbox_apps.txt'}, blackbox_apps_curves.png, blackbox_apps_allocations.png")
+    (out / "blackbox_apps.txt").write_text("\n".join(lines) + "\n")
+    plot(results, out)
+    print(f"wrote {out / 'blackbox_apps.txt'}, blackbox_apps_curves.png, blackbox_apps_allocations.png")
 
 
 def target_for(runs: dict, key: str) -> float:
@@ -184,15 +138,17 @@ def report(runs: dict, key: str) -> list[str]:
     for (allocator, estimator), rs in runs.items():
         finals = np.array([r[key][-1] for r in rs])
         q = queries_to(rs[0]["queries"], np.mean([r[key] for r in rs], 0), target, lower)
-        per_seed = [queries_to(r["queries"], r[key], target, lower) / b for r, b in zip(rs, per_seed_base)]
-        ratio = q / base_q if np.isfinite(q) and np.isfinite(base_q) else float("nan")
+        # a base of 0 queries means uniform/lr made no progress: the target held at the start
+        per_seed = [queries_to(r["queries"], r[key], target, lower) / b if b > 0 else float("nan")
+                    for r, b in zip(rs, per_seed_base)]
+        ratio = q / base_q if np.isfinite(q) and np.isfinite(base_q) and base_q > 0 else float("nan")
         out.append(f"{allocator + '/' + estimator:<22} {rs[0][key][0]:6.3f} "
                    f"{finals.mean():12.3f} ± {finals.std(ddof=1):.3f} "
                    f"{q:18,.0f} {ratio:13.2f} {' '.join(f'{p:.2f}' for p in per_seed):>18}")
     return out
 
 
-def plot(results: dict) -> None:
+def plot(results: dict, out) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -208,7 +164,7 @@ def plot(results: dict) -> None:
                ylabel="accuracy")
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(OUT / "blackbox_apps_curves.png", dpi=120)
+    fig.savefig(out / "blackbox_apps_curves.png", dpi=120)
 
     fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4), squeeze=False)
     for ax, (name, runs) in zip(axes[0], results.items()):
@@ -220,7 +176,7 @@ def plot(results: dict) -> None:
         ax.set(title=f"{name}: queries per example (lr, seed 0, all steps)", xlabel="queries", ylabel="share")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(OUT / "blackbox_apps_allocations.png", dpi=120)
+    fig.savefig(out / "blackbox_apps_allocations.png", dpi=120)
 
 
 if __name__ == "__main__":

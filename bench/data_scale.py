@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import ray
 
 import flops_dist
-from flops_dist.api import build_model, load_callable
+from flops_dist.loading import build_model, load_callable
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits"
 

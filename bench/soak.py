@@ -1,34 +1,51 @@
 """Soak: a long run of a tiny model with 2 workers, one killed every few hundred steps.
 
-    python bench/soak.py [--steps 2000 --kill-every 300]
+    python bench/soak.py [--steps 2000 --kill-every 300] [--smoke]
 
 Kills alternate between ray.kill and SIGKILL of the worker's process. Prints the updates lost
 (steps missing from the update log, plus 1 if replaying the whole log onto the base weights does
 not give the final replicas' hash), replica-hash mismatches (the run compares replica hashes every
 50 steps and stops on any difference), restarts, and the coordinator's resident memory after
-warm-up and at the end.
+warm-up (100 steps, or a third of a shorter run) and at the end. The run directory is new under
+bench/out/soak-*. --smoke: 90 steps, a kill every 30.
 """
 import argparse
 import os
 import signal
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import ray
 import torch
+from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from models import blobs, build_mlp, cross_entropy  # noqa: E402
+from common import fresh_dir
+from flops_dist.config import Config
+from flops_dist.coordinator import RemoteCoordinator
+from flops_dist.data import ArrayDataset
+from flops_dist.engine import ReplicaDivergence
+from flops_dist.replica import Replica, ReplicaSpec
+from flops_dist.runlog import messages, read_log
 
-from flops_dist.api import ship_by_value  # noqa: E402
-from flops_dist.config import Config  # noqa: E402
-from flops_dist.coordinator import RemoteCoordinator  # noqa: E402
-from flops_dist.engine import ReplicaDivergence  # noqa: E402
-from flops_dist.replica import Replica, ReplicaSpec  # noqa: E402
-from flops_dist.runlog import messages, read_log  # noqa: E402
+
+def build_mlp() -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 3))
+
+
+def cross_entropy(outputs, labels):
+    return nn.functional.cross_entropy(outputs, labels, reduction="none")
+
+
+def blobs(n=240, seed=0) -> ArrayDataset:
+    """Three Gaussian blobs in 10 dimensions: small enough that the soak exercises the system, not the model."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, size=n)
+    centres = rng.normal(size=(3, 10)) * 2
+    inputs = centres[labels] + rng.normal(size=(n, 10))
+    return ArrayDataset(inputs.astype(np.float32), labels.astype(np.int64))
 
 
 def rss_mib(pid: int) -> float:
@@ -42,10 +59,14 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--kill-every", type=int, default=300)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: proves the bench still runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.kill_every = 90, 30
+    warm_up = min(100, args.steps // 3)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     torch.set_num_threads(1)
-    run_dir = Path(tempfile.mkdtemp(prefix="flops-soak-")) / "run"
+    run_dir = fresh_dir("soak") / "run"
     cfg = Config()
     cfg.train.steps, cfg.train.batch_size, cfg.train.queries_per_example = args.steps, 16, 4
     cfg.train.chunk_size, cfg.train.sigma, cfg.train.learning_rate, cfg.train.hash_every = 8, 0.01, 0.05, 50
@@ -55,9 +76,9 @@ def main():
     cfg.metrics.port = 0
     cfg.validate()
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    ship_by_value(build_mlp(), cross_entropy)
-    refs = {"model": ray.put(build_mlp()), "loss_fn": ray.put(cross_entropy), "train": ray.put(blobs()), "test": None}
-    coordinator = RemoteCoordinator.options(num_cpus=0).remote(cfg, refs, len(blobs()))
+    refs = {"model": ray.put(build_mlp()), "loss_fn": ray.put(cross_entropy), "sample": ray.put(blobs()),
+            "train": ray.put(blobs()), "test": None}
+    coordinator = RemoteCoordinator.options(num_cpus=0).remote(cfg, refs)
     pid = ray.get(coordinator.info.remote())["pid"]
     mismatches, kills, began = 0, 0, time.perf_counter()
     rss_start = None
@@ -67,7 +88,7 @@ def main():
             if not chunk:
                 break
             step = chunk[-1]["step"] + 1
-            if rss_start is None and step >= 100:
+            if rss_start is None and step >= warm_up:
                 rss_start = rss_mib(pid)  # after warm-up: imports, first traces, first snapshot
             if step < args.steps and step // args.kill_every > kills:
                 victim = ray.get(coordinator.info.remote())["workers"][-1]
@@ -100,7 +121,7 @@ def main():
     print(f"updates lost: {lost}  (missing from the log {missing}; full-log replay matches final hash: "
           f"{replayed == final_hash})")
     print(f"replica-hash mismatches: {mismatches}  ({args.steps // cfg.train.hash_every} checks)")
-    print(f"coordinator RSS: {rss_start:.1f} MiB after 100 steps, {rss_end:.1f} MiB at the end "
+    print(f"coordinator RSS: {rss_start:.1f} MiB after {warm_up} steps, {rss_end:.1f} MiB at the end "
           f"(growth {100 * (rss_end / rss_start - 1):+.1f}%)")
     ray.shutdown()
 

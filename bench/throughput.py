@@ -1,11 +1,14 @@
 """Queries per second of the system (real local Ray, 1 and 2 workers) over a plain torch loop that
 evaluates the same perturbed forwards in one process.
 
-    python bench/throughput.py [--steps 40]
+    python bench/throughput.py [--steps 40] [--rounds 3] [--smoke]
 
 Both sides use one torch thread per replica, the digits ViT, B = 32, A₀ = 8 (256 queries a step),
 chunks of 16 vmapped perturbations, Rademacher noise over the target, and the same clean forward
 and seed-based update per step. The plain loop keeps its noise in memory and has no allocator.
+Each system run writes into its own run directory under a new bench/out/throughput-*, and serves
+no metrics, so neither an earlier run (the README's main job included) nor a run beside it on the
+same machine can refuse it. --smoke: 3 steps, 1 round; the digits data is prepared if missing.
 """
 import argparse
 import os
@@ -16,8 +19,9 @@ import ray
 import torch
 from torch.func import functional_call, vmap
 
-from common import digits_config
-from flops_dist.api import build_model, load_callable, ship_by_value
+from common import digits_config, fresh_dir
+from flops_dist.api import ship_by_value
+from flops_dist.loading import build_model, load_callable, sample_rows
 from flops_dist.coordinator import RemoteCoordinator
 from flops_dist.data import load_dataset
 
@@ -73,8 +77,9 @@ def system(cfg, steps, workers):
     loss_fn = load_callable(cfg.model.loss, "model.loss")
     data = load_dataset(cfg.data.train, cfg.data.input_column, cfg.data.label_column)
     ship_by_value(model, loss_fn)
-    refs = {"model": ray.put(model), "loss_fn": ray.put(loss_fn), "train": ray.put(data), "test": None}
-    coordinator = RemoteCoordinator.options(num_cpus=0).remote(cfg, refs, len(data))
+    refs = {"model": ray.put(model), "loss_fn": ray.put(loss_fn), "sample": ray.put(sample_rows(data, 16)),
+            "train": ray.put(data), "test": None}
+    coordinator = RemoteCoordinator.options(num_cpus=0).remote(cfg, refs)
     try:
         ray.get(coordinator.run.remote(3))  # warm-up: worker start, first vmap trace
         began = time.perf_counter()
@@ -85,21 +90,30 @@ def system(cfg, steps, workers):
     return sum(r["queries"] for r in records) / seconds
 
 
+def config(run_dir):
+    # hash_every=0: the replicas' agreement is the tests' business, not a cost to time here
+    return digits_config(train__allocator="uniform", train__steps=10**6, train__hash_every=0,
+                         output__run_dir=str(run_dir), metrics__port=-1)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: proves the bench still runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.rounds = 3, 1
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    cfg = digits_config(train__allocator="uniform", train__steps=10**6, train__hash_every=0)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    out = fresh_dir("throughput")
+    # address="local": a fresh Ray of our own, never a cluster that `ray start` left on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    cfg = config(out / "plain")  # the plain loop writes nothing
     plain, one, two = [], [], []
-    for _ in range(args.rounds):  # interleaved, so drifts in machine load hit all three alike
+    for r in range(args.rounds):  # interleaved, so drifts in machine load hit all three alike
         plain.append(plain_loop(cfg, args.steps))
-        one.append(system(digits_config(train__allocator="uniform", train__steps=10**6, train__hash_every=0),
-                          args.steps, 1))
-        two.append(system(digits_config(train__allocator="uniform", train__steps=10**6, train__hash_every=0),
-                          args.steps, 2))
+        one.append(system(config(out / f"round-{r}-1-worker"), args.steps, 1))
+        two.append(system(config(out / f"round-{r}-2-workers"), args.steps, 2))
     p, o, t = np.median(plain), np.median(one), np.median(two)
     print(f"plain torch loop, 1 process : {p:8.0f} queries/s (median of {args.rounds})")
     print(f"flops_dist, 1 worker        : {o:8.0f} queries/s   ratio to plain {o / p:.2f}")

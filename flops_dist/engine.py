@@ -142,7 +142,8 @@ class Engine:
         return QueryLosses(plan.example, plan.seed, plan.sign, loss)
 
     def step(self, t: int, batch: np.ndarray | None = None) -> StepOutcome:
-        """Step t on batch t (or on the example indices `batch`, to pin one)."""
+        """Step t on batch(t), or on the given dataset indices: a benchmark pins a batch and varies t
+        to draw new query seeds and allocations for the same examples."""
         cfg, began = self.cfg, time.perf_counter()
         batch = self.batch(t) if batch is None else np.asarray(batch, np.int64)
         features = self._clean_forward(batch)

@@ -58,3 +58,23 @@ def test_diverged_replicas_stop_the_run():
     engine = Engine(TrainConfig(batch_size=24), LocalExecutor(reps), blobs(), reps[0].d)
     with pytest.raises(ReplicaDivergence, match="hashes differ"):
         engine.check_replicas(0)
+
+
+class RecordingExecutor(LocalExecutor):
+    """Remembers the examples that the step's replicas were given."""
+
+    def clean_forward(self, rows, batch):
+        self.given = batch
+        return super().clean_forward(rows, batch)
+
+
+def test_a_given_batch_replaces_the_step_s_own():
+    cfg = TrainConfig(batch_size=8, chunk_size=8, allocator="uniform")
+    spec = ReplicaSpec(sigma=cfg.sigma, noise=cfg.noise, optimizer=cfg.optimizer_config(), embedding_module="1")
+    data = blobs()
+    executor = RecordingExecutor([Replica(build_mlp(), cross_entropy, data, spec)])
+    engine = Engine(cfg, executor, data, executor.replicas[0].d)
+    pinned = np.array([3, 5, 7, 42, 99, 150, 200, 239])
+    assert not np.array_equal(np.sort(engine.batch(0)), pinned)
+    engine.step(0, batch=pinned)
+    assert np.array_equal(executor.given.inputs, data.inputs[pinned])
