@@ -38,7 +38,8 @@ def main():
         c_hat = rng.gamma(1.0, size=batch)
         allocate = lambda: allocator.allocate(features, batch * 8, 2, rng)  # noqa: E731
         repeats = 3 if args.smoke else 21 if batch == small else 7
-        results[batch] = (median_ms(allocate, repeats), median_ms(lambda: (allocate(), allocator.learn(c_hat)), 5))
+        results[batch] = (median_ms(allocate, repeats),
+                          median_ms(lambda: allocator.learn(allocate()[1], c_hat), 5))
         print(f"B = {batch:>6}: allocate {results[batch][0]:8.2f} ms (median of {repeats}), "
               f"allocate + learn λ {results[batch][1]:8.2f} ms")
     growth, ratio = results[large][0] / results[small][0], large // small

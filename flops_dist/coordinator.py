@@ -350,7 +350,7 @@ class Coordinator:
     def info(self) -> dict:
         if self.start_error:
             return {"error": self.start_error[0], "details": self.start_error[1]}
-        return {"workers": ray.get([w.info.remote() for w in self.executor.workers]), "d": self.engine.d,
+        return {"workers": self.executor.call_all("info"), "d": self.engine.d,
                 "run_dir": str(self.run_dir), "metrics_url": self.metrics_url, "step": self.step,
                 "pid": os.getpid(), "notes": list(self.notes)}
 
