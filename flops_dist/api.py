@@ -23,7 +23,7 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from torch import nn
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, require_batch_fits
 from .coordinator import RemoteCoordinator
 from .data import ArrayDataset
 from .loading import as_dataset, build_model, check_resume, load_callable, sample_rows  # noqa: F401 (the API's loaders)
@@ -130,8 +130,7 @@ def train(model: nn.Module, loss_fn, train_data, config: Config, test_data=None,
     cfg = config.validate()
     train_set = as_dataset(train_data, cfg, "train data")
     test_set = as_dataset(test_data, cfg, "test data") if test_data is not None else None
-    if cfg.train.batch_size > len(train_set):
-        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} exceeds the {len(train_set)} training examples")
+    require_batch_fits(cfg.train.batch_size, len(train_set))  # before Ray starts, not in the coordinator
     sample = sample_rows(train_set, cfg.train.chunk_size)
     preflight(model, loss_fn, sample, cfg)
     try:

@@ -216,6 +216,12 @@ def apply_overrides(raw: dict, overrides: list[str], allowed: tuple[str, ...] | 
     return raw
 
 
+def require_batch_fits(batch_size: int, examples: int) -> None:
+    """A batch is drawn without replacement from one epoch: it cannot exceed the dataset."""
+    if batch_size > examples:
+        raise ConfigError(f"train.batch_size: {batch_size} exceeds the dataset's {examples} examples")
+
+
 def _at_least(name: str, value, least) -> None:
     if value < least:
         raise ConfigError(f"{name}: must be at least {least}, got {value}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .allocators import BatchFeatures, make_allocator, project_to_budget, variance_objective
-from .config import TrainConfig
+from .config import TrainConfig, require_batch_fits
 from .estimators import QueryLosses, estimate
 from .record import LAMBDA_NAMES, StepRecord
 from .sharding import QueryChunks, assign_chunks, chunk_costs, chunk_examples, gather_rows, plan_queries
@@ -113,8 +113,7 @@ class StepOutcome:
 class Engine:
     def __init__(self, cfg: TrainConfig, executor: Executor, data, d: int):
         """`data` hands out rows by index (an ArrayDataset or a ParquetSource)."""
-        if cfg.batch_size > len(data):
-            raise ValueError(f"train.batch_size: {cfg.batch_size} exceeds the dataset's {len(data)} examples")
+        require_batch_fits(cfg.batch_size, len(data))
         self.cfg, self.executor, self.data, self.d = cfg, executor, data, d
         self.n_examples = len(data)
         self._permutation = (-1, None)  # (epoch, its permutation)
