@@ -9,6 +9,7 @@ says where.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import traceback
@@ -81,10 +82,8 @@ def keep_traceback(error: BaseException, run_dir: str | None) -> str:
     from .runlog import append_text, holds_run
     text = getattr(error, "details", "") or "".join(traceback.format_exception(error))
     if run_dir and holds_run(Path(run_dir)):
-        try:
+        with contextlib.suppress(OSError, ValueError):  # an unwritable run dir: the temporary file below
             return str(append_text(run_dir, "flops-dist.log", text + "\n"))
-        except (OSError, ValueError):
-            pass
     with tempfile.NamedTemporaryFile("w", prefix="flops-dist-", suffix=".log", delete=False) as f:
         f.write(text)
     return f.name

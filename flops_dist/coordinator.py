@@ -6,6 +6,7 @@ unfinished chunks dealt to the live ones, and the step's result is unchanged.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -128,10 +129,8 @@ class RayExecutor(Executor):
         if self.queued is not None:
             msg, self.queued = self.queued, None
             for ref in [w.apply.remote(msg) for w in self.workers]:
-                try:
+                with contextlib.suppress(ray.exceptions.RayActorError):
                     ray.get(ref)
-                except ray.exceptions.RayActorError:
-                    pass
 
     def add(self, worker) -> None:
         self.workers.append(worker)

@@ -103,10 +103,8 @@ def _open_folder(run_dir: Path, folders: tuple[str, ...]) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = _open_nofollow(str(run_dir), os.O_RDONLY | os.O_DIRECTORY, None, run_dir)
     for i, name in enumerate(folders):
-        try:
+        with contextlib.suppress(FileExistsError):
             os.mkdir(name, dir_fd=fd)
-        except FileExistsError:
-            pass
         try:
             inner = _open_nofollow(name, os.O_RDONLY | os.O_DIRECTORY, fd, run_dir.joinpath(*folders[:i + 1]))
         finally:
