@@ -59,6 +59,8 @@ class TrainConfig:
 class TargetConfig:
     include: list[str] = field(default_factory=lambda: ["all"])  # "all", regexes on parameter names, or module names
     embedding_module: str = ""       # module whose output is the allocator's embedding e_j; "" = the model's output
+    frozen_prefix: str = "auto"      # "auto": the frozen modules before the target run once per example per step;
+                                     # or the name of the first module of the tail; "off": every query runs it all
 
 
 @dataclass

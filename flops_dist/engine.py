@@ -169,8 +169,9 @@ class Engine:
         return StepOutcome(record, msg, allocation)
 
     def _clean_forward(self, batch: np.ndarray) -> BatchFeatures:
-        """Every replica takes the batch's rows; clean losses Φ and embeddings e of its examples."""
-        rows, _ = chunk_examples(np.arange(len(batch)), self.cfg.chunk_size)
+        """Every replica takes the batch's rows; clean losses Φ and embeddings e of its examples.
+        A chunk never holds more rows than the batch: padding would be wasted forwards."""
+        rows, _ = chunk_examples(np.arange(len(batch)), min(self.cfg.chunk_size, len(batch)))
         clean_rows, emb_rows = self.executor.clean_forward(rows, self.data.rows(batch))
         return BatchFeatures(clean_rows.reshape(-1)[:len(batch)].astype(np.float64),
                              emb_rows.reshape(-1, emb_rows.shape[-1])[:len(batch)])

@@ -8,6 +8,10 @@ generator state and any slice [offset, offset + numel) can be made on its own.
   same type.
 On the CPU the hash runs in numpy's uint32, whose multiplication wraps by definition; on other
 devices in torch int64 with products kept below 2**63. Both give the same bits (a test checks).
+
+Because any slice can be made alone, noise is never made whole: `blocks` cuts a [rows, numel] request
+into pieces of at most BLOCK elements, so the temporary memory of a perturbation or an update is
+bounded whatever d is (a Gaussian element briefly costs about 56 bytes while it is made).
 """
 from __future__ import annotations
 
@@ -99,6 +103,32 @@ def noise_batch(seeds, numel: int, kind: str = "rademacher", offset: int = 0,
     u1 = (w[..., 0].to(torch.float64) + 0.5) * 2.0**-32  # in (0, 1): log is finite
     u2 = w[..., 1].to(torch.float64) * 2.0**-32
     return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)).to(torch.float32)
+
+
+BLOCK = 1 << 20  # noise elements made at once
+
+
+def blocks(numel: int, rows: int = 1):
+    """(start, stop) element ranges and how many rows to make at once, with rows·length ≤ BLOCK
+    (a row alone may not fit: then it is cut)."""
+    span = max(1, min(numel, BLOCK))
+    per = max(1, BLOCK // span)
+    return [(a, min(numel, a + span)) for a in range(0, numel, span)], min(per, max(rows, 1))
+
+
+def accumulate(out: torch.Tensor, seeds, coefficients, kind: str = "rademacher", offset: int = 0) -> torch.Tensor:
+    """out += Σ_s c_s · u(seed_s)[offset : offset + len(out)], in place. The terms are added in
+    message order at every element, so the bits equal adding whole noise vectors one by one."""
+    seeds = np.asarray(seeds, np.int64).reshape(-1)
+    coefficients = [float(c) for c in coefficients]
+    ranges, per = blocks(out.numel(), len(seeds))
+    for start, stop in ranges:
+        part = out[start:stop]
+        for s0 in range(0, len(seeds), per):
+            rows = noise_batch(seeds[s0:s0 + per], stop - start, kind, offset + start, out.device)
+            for row, c in zip(rows, coefficients[s0:s0 + per]):
+                part.add_(row, alpha=c)
+    return out
 
 
 def noise(seed: int, numel: int, kind: str = "rademacher", offset: int = 0,

@@ -15,7 +15,7 @@ from torch import nn
 
 from .data import ArrayDataset
 from .losses import as_loss
-from .sharding import QueryChunks
+from .sharding import QueryChunks, chunk_examples
 from .targets import PerturbedForward, Target
 from .update import OptimizerConfig, UpdateMessage, apply_update, init_optimizer_state, parameter_hash
 
@@ -24,6 +24,7 @@ from .update import OptimizerConfig, UpdateMessage, apply_update, init_optimizer
 class ReplicaSpec:
     include: list[str] = field(default_factory=lambda: ["all"])
     embedding_module: str = ""
+    frozen_prefix: str = "auto"
     sigma: float = 1e-2
     noise: str = "rademacher"
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -35,6 +36,7 @@ class ReplicaSpec:
         """The spec of a run's replicas, from its Config."""
         t = cfg.train
         return cls(**{"include": cfg.target.include, "embedding_module": cfg.target.embedding_module,
+                      "frozen_prefix": cfg.target.frozen_prefix,
                       "sigma": t.sigma, "noise": t.noise, "optimizer": t.optimizer_config(),
                       "threads": cfg.cluster.threads_per_worker, **overrides})
 
@@ -65,6 +67,7 @@ class Replica:
                                         self.device, spec.embedding_module or None)
         # the rows this replica holds: a few sample examples, then each step's batch as it comes
         self.inputs, self.labels = self._tensors(sample)
+        self.forward.find_prefix(self.theta, self.inputs[:16], spec.frozen_prefix)
         self.updates_applied = 0
 
     def _tensors(self, data: ArrayDataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,23 +80,33 @@ class Replica:
     def noise_cost(self, rows: int = 16) -> float:
         """Noise generation for one seed, in forward-equivalents of one example: the sharding cost
         model's weight. Timing only steers the assignment, never the bits."""
-        from .noise import noise_batch
         x, y = self.inputs[:rows], self.labels[:rows]
         self.forward.clean(self.theta, x, y)  # warm-up
         began = time.perf_counter()
         self.forward.clean(self.theta, x, y)
         forward = (time.perf_counter() - began) / len(y)
         began = time.perf_counter()
-        noise_batch(np.arange(rows), self.d, self.spec.noise, device=self.device)
-        return (time.perf_counter() - began) / rows / max(forward, 1e-9)
+        self.forward.target.perturbed(self.theta, [0], 1.0, self.spec.noise)
+        return (time.perf_counter() - began) / max(forward, 1e-9)
 
     def clean_forward(self, batch: ArrayDataset, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Hold the step's batch (its rows, no others), then losses [n, C] and embeddings [n, C, m] at
-        θ for chunks of positions in it."""
+        θ for chunks of positions in it. With a frozen prefix, every replica runs the clean forward
+        of the whole batch in its canonical chunks, since its queries may name any example."""
         self.inputs, self.labels = self._tensors(batch)
+        if self.forward.prefix is None:
+            return self._clean_rows(torch.tensor(rows, device=self.device))
+        every = torch.tensor(chunk_examples(np.arange(len(batch)), rows.shape[1])[0], device=self.device)
+        captured = []
+        losses, embeddings = self._clean_rows(every, captured)
+        self.forward.hold(captured)
+        mine = rows[:, 0] // rows.shape[1]  # canonical chunk i starts at position i·C
+        return losses[mine], embeddings[mine]
+
+    def _clean_rows(self, rows: torch.Tensor, captured: list | None = None) -> tuple[np.ndarray, np.ndarray]:
         losses, embeddings = [], []
-        for row in torch.tensor(rows, device=self.device):
-            loss, emb = self.forward.clean(self.theta, self.inputs[row], self.labels[row])
+        for row in rows:
+            loss, emb = self.forward.clean(self.theta, self.inputs[row], self.labels[row], captured)
             losses.append(loss.cpu().numpy())
             embeddings.append(emb.cpu().numpy())
         if not losses:
@@ -107,9 +120,9 @@ class Replica:
         for i, (ex, seeds, signs) in enumerate(zip(examples, chunks.seeds, chunks.signs)):
             x, y = self.inputs[ex], self.labels[ex]
             if chunks.shared:
-                loss = self.forward.shared(self.theta, int(seeds[0]), int(signs[0]), x, y)
+                loss = self.forward.shared(self.theta, int(seeds[0]), int(signs[0]), x, y, ex)
             else:
-                loss = self.forward.independent(self.theta, seeds, signs, x, y)
+                loss = self.forward.independent(self.theta, seeds, signs, x, y, ex)
             out[i] = loss.cpu().numpy()
         return out
 

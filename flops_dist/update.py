@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .noise import noise_batch
+from .noise import accumulate
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 
@@ -39,15 +39,10 @@ class OptimizerConfig:
     weight_decay: float = 0.0
 
 
-def reconstruct_gradient(msg: UpdateMessage, d: int, noise_kind: str, device="cpu",
-                         seeds_per_block: int = 64) -> torch.Tensor:
-    grad = torch.zeros(d, dtype=torch.float32, device=device)
-    coefficients = torch.tensor(msg.coefficients, dtype=torch.float32)
-    for start in range(0, len(msg.seeds), seeds_per_block):
-        block = noise_batch(msg.seeds[start:start + seeds_per_block], d, noise_kind, device=device)
-        for row, c in zip(block, coefficients[start:start + seeds_per_block].tolist()):
-            grad.add_(row, alpha=c)
-    return grad
+def reconstruct_gradient(msg: UpdateMessage, d: int, noise_kind: str, device="cpu") -> torch.Tensor:
+    """ĝ = Σ_s c_s u(seed_s) with c_s in float32, made a block of noise at a time: memory O(d)."""
+    coefficients = torch.tensor(msg.coefficients, dtype=torch.float32).tolist()
+    return accumulate(torch.zeros(d, dtype=torch.float32, device=device), msg.seeds, coefficients, noise_kind)
 
 
 def init_optimizer_state(cfg: OptimizerConfig, d: int, device="cpu") -> dict[str, torch.Tensor]:

@@ -128,3 +128,30 @@ def write_parquet(data: ArrayDataset, folder, parts: int = 1, row_group_size: in
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         pq.write_table(table.slice(a, b - a), folder / f"part-{i}.parquet", row_group_size=row_group_size)
     return folder
+
+
+class Tower(nn.Module):
+    """A residual tower and a head, with glue between modules (a residual sum, a mean): the frozen
+    prefix of a tail target is the tower. `leak` makes the tower's input depend on the head's
+    weights (used before the head runs), so no module of the tower is a frozen prefix."""
+
+    def __init__(self, leak: bool = False):
+        super().__init__()
+        self.leak = leak
+        self.embed = nn.Linear(10, 16)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16), nn.GELU()) for _ in range(2))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        if self.leak:
+            h = h + self.head.weight.sum()
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h.unsqueeze(-2).mean(-2))
+
+
+def build_tower(leak: bool = False) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return Tower(leak)

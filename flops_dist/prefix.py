@@ -1,0 +1,111 @@
+"""Frozen-prefix reuse: the modules that run before the first target parameter is used do not
+depend on the perturbation, so their outputs are computed once per example per step (in the clean
+forward) and every query runs only the rest of the network.
+
+No model surgery: the prefix is found by watching one forward with module hooks, and a query swaps
+each prefix module's `forward` for a lookup of its cached output while it runs (the module tree and
+its parameters are untouched). A module is kept only if it is called once per forward, its output is
+a batch-first tensor or a structure of them, and that output stays bit-identical when the target
+is perturbed (checked once, at start).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+
+def _batch_first(output, rows: int) -> bool:
+    leaves = pytree.tree_leaves(output)
+    return bool(leaves) and all(torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows for v in leaves)
+
+
+def _watch(model: nn.Module, run) -> tuple[list[tuple[str, str]], dict[str, object]]:
+    """Run `run()` and return the modules' (event, name) sequence and each module's last output."""
+    events, outputs, handles = [], {}, []
+
+    def ended(name, output):  # a forward hook that returned something would replace the output
+        events.append(("end", name))
+        outputs[name] = output
+
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(lambda m, a, n=name: events.append(("start", n)) and None))
+        handles.append(module.register_forward_hook(lambda m, a, o, n=name: ended(n, o)))
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return events, outputs
+
+
+def _candidates(model: nn.Module, events, boundary: set[str]) -> list[str]:
+    """Modules called once, ended before the first boundary module starts; not the root."""
+    first = next((i for i, (kind, n) in enumerate(events) if kind == "start" and n in boundary), None)
+    if first is None:
+        return []
+    calls: dict[str, int] = {}
+    for kind, n in events:
+        calls[n] = calls.get(n, 0) + (kind == "start")
+    return [n for kind, n in events[:first] if kind == "end" and n and calls[n] == 1]
+
+
+class FrozenPrefix:
+    """The outermost prefix modules, by name. `capture` records their outputs during a clean
+    forward; `cache(chunks)` joins them into per-example tensors; `replay(values)` runs a forward
+    with those outputs in place of the modules' work."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        self.model, self.names = model, list(names)
+        self.modules = {n: model.get_submodule(n) for n in self.names}
+
+    @classmethod
+    def find(cls, model: nn.Module, owners: set[str], run_clean, run_perturbed, rows: int) -> "FrozenPrefix | None":
+        """`owners`: the modules that hold a target parameter (or the module a user named as the
+        boundary). `run_clean`/`run_perturbed`: a forward on `rows` examples at θ and at a far-off θ."""
+        events, clean = _watch(model, run_clean)
+        names = [n for n in _candidates(model, events, owners) if _batch_first(clean[n], rows)]
+        _, moved = _watch(model, run_perturbed)
+        names = [n for n in names if n in moved and _same(clean[n], moved[n])]
+        outermost = [n for n in names if not any(n.startswith(p + ".") for p in names)]
+        return cls(model, outermost) if outermost else None
+
+    @contextlib.contextmanager
+    def capture(self, store: list):
+        """Append {name: output} of every forward run inside, one dict per forward."""
+        current, handles = {}, []
+        for name, module in self.modules.items():
+            handles.append(module.register_forward_hook(lambda m, a, o, n=name: current.__setitem__(n, o)))  # returns None
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+        store.append(current)
+
+    def cache(self, captured: list[dict]) -> dict[str, object]:
+        """Per-module outputs of several forwards joined along the batch dimension."""
+        return {n: pytree.tree_map(lambda *parts: torch.cat(parts), *[c[n] for c in captured]) for n in self.names}
+
+    @staticmethod
+    def take(values: dict[str, object], examples: torch.Tensor) -> dict[str, object]:
+        return pytree.tree_map(lambda v: v[examples], values)
+
+    @contextlib.contextmanager
+    def replay(self, values: dict[str, object]):
+        """Inside, each prefix module returns its entry in `values` without running."""
+        for name, module in self.modules.items():
+            module.forward = lambda *a, v=values[name], **k: v
+        try:
+            yield
+        finally:
+            for module in self.modules.values():
+                del module.forward
+
+
+def _same(a, b) -> bool:
+    la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    return len(la) == len(lb) and all(torch.is_tensor(x) and torch.is_tensor(y) and torch.equal(x, y)
+                                      for x, y in zip(la, lb))

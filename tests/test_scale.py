@@ -1,0 +1,96 @@
+"""Scale: noise made a block at a time (same bits as whole vectors), and frozen-prefix reuse (same
+bits as running the whole network per query)."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from flops_dist.config import TrainConfig
+from flops_dist.engine import Engine, LocalExecutor
+from flops_dist.noise import BLOCK, accumulate, noise_batch
+from flops_dist.replica import Replica, ReplicaSpec
+from flops_dist.targets import Target
+from models import blobs, build_tower, cross_entropy
+
+
+def wide_model() -> nn.Module:
+    """Two tensors, one larger than a noise block: the per-tensor, per-block path is taken."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(1100, 1000), nn.Linear(1000, 3))
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_blockwise_perturbation_equals_whole_noise_vectors(kind):
+    model = wide_model()
+    target = Target.select(model, "all")
+    assert target.numel > BLOCK and model[0].weight.numel() > BLOCK
+    theta = target.flatten(model)
+    seeds = np.array([3, 11])
+    scale = torch.tensor([[0.01], [-0.01]])
+    blockwise = target.perturbed(theta, seeds, scale, kind)
+    whole = target.unflatten(theta + scale * noise_batch(seeds, target.numel, kind))
+    assert all(torch.equal(blockwise[n], whole[n]) for n in target.names)
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_blockwise_update_equals_adding_whole_noise_vectors(kind):
+    d, seeds, coefficients = BLOCK + 12345, np.array([5, 9, 2]), [0.5, -1.25, 3.0]
+    expected = torch.zeros(d)
+    for seed, c in zip(seeds, coefficients):
+        expected.add_(noise_batch([seed], d, kind)[0], alpha=c)
+    assert torch.equal(accumulate(torch.zeros(d), seeds, coefficients, kind), expected)
+
+
+def tower_run(frozen_prefix, replicas=1, steps=4, leak=False, **train):
+    cfg = TrainConfig(steps=steps, batch_size=24, sigma=0.01, learning_rate=0.1, chunk_size=8, **train)
+    spec = ReplicaSpec(include=["head"], sigma=cfg.sigma, noise=cfg.noise, optimizer=cfg.optimizer_config(),
+                       frozen_prefix=frozen_prefix)
+    data = blobs()
+    reps = [Replica(build_tower(leak), cross_entropy, data, spec) for _ in range(replicas)]
+    engine = Engine(cfg, LocalExecutor(reps), data, reps[0].d)
+    for t in range(steps):
+        engine.step(t)
+    return reps
+
+
+def test_the_prefix_is_the_outermost_frozen_modules_before_the_target():
+    rep = tower_run("auto", steps=0)[0]
+    assert rep.forward.prefix.names == ["embed", "blocks.0", "blocks.1"]
+    assert tower_run("blocks.1", steps=0)[0].forward.prefix.names == ["embed", "blocks.0"]
+    assert tower_run("off", steps=0)[0].forward.prefix is None
+
+
+def test_a_module_whose_output_moves_with_the_target_is_not_reused():
+    # the head's weights reach the blocks' input through the parent's glue: only embed is frozen
+    leaky = tower_run("auto", steps=0, leak=True)[0]
+    assert leaky.forward.prefix.names == ["embed"]
+
+
+@pytest.mark.parametrize("train", [dict(allocator="flops"), dict(allocator="uniform", pairing="shared"),
+                                   dict(allocator="neyman", estimator="antithetic", noise="gaussian")],
+                         ids=lambda c: "-".join(c.values()))
+def test_prefix_reuse_gives_the_bits_of_the_whole_network(train):
+    whole = tower_run("off", **train)[0]
+    reused = tower_run("auto", replicas=2, **train)
+    assert reused[0].forward.prefix is not None
+    assert {r.hash() for r in reused} == {whole.hash()}
+    assert {r.hash() for r in tower_run("auto", leak=True, **train)} == {tower_run("off", leak=True, **train)[0].hash()}
+
+
+def test_a_boundary_that_is_not_a_module_is_refused():
+    with pytest.raises(ValueError, match="frozen_prefix 'neck' is not a submodule"):
+        tower_run("neck", steps=0)
+
+
+def test_queries_do_not_run_the_prefix():
+    calls = {}
+    for mode in ("off", "auto"):
+        rep = tower_run(mode, steps=0)[0]
+        inner = rep.model.blocks[0][1]  # inside the prefix: it runs only when the prefix runs
+        handle = inner.register_forward_pre_hook(lambda m, a, mode=mode: calls.__setitem__(mode, calls.get(mode, 0) + 1))
+        cfg = TrainConfig(batch_size=24, sigma=0.01, chunk_size=8)
+        Engine(cfg, LocalExecutor([rep]), blobs(), rep.d).step(0)
+        handle.remove()
+    assert calls["auto"] == 3  # the clean forward: 24 examples in chunks of 8
+    assert calls["off"] == 3 + 24 * 8 // 8  # and one forward per chunk of 8 queries
