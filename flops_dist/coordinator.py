@@ -43,24 +43,28 @@ class RayExecutor(Executor):
     to the live ones. A queued update rides on the next call that goes to every worker (the clean
     forward), saving a round trip per step; any other call sends it first."""
 
-    def __init__(self, workers: list, noise_cost: float = 0.0):
+    def __init__(self, workers: list, noise_cost: float = 0.0, prefix_reuse: bool = False):
         self.workers = list(workers)
+        self.prefix_reuse = prefix_reuse
         self.speeds = np.ones(len(workers))
         self.noise_cost = noise_cost
         self.queued = None  # U_t that no worker has been sent yet
         self.workers_lost = 0
         self.query_rates = np.zeros(len(workers))  # queries per second in each worker's last evaluate
 
-    def _scatter(self, method: str, costs: np.ndarray, take, store, everyone: bool = False) -> None:
+    def _scatter(self, method: str, costs: np.ndarray, take, store, everyone: bool = False,
+                 groups=None) -> np.ndarray:
         if not everyone:
             self.flush()
         update, self.queued = self.queued, None
+        owner = np.zeros(len(costs), np.int64)
         remaining = np.arange(len(costs))
         while len(remaining):
             if not self.workers:
                 raise AllWorkersLost("every worker has died; no replica is left to evaluate queries")
+            hint = () if groups is None else (groups[0][remaining], *groups[1:])
             calls = [(w, remaining[idx], getattr(self.workers[w], method).remote(update, *take(remaining[idx])))
-                     for w, idx in enumerate(assign_chunks(costs[remaining], self.speeds))
+                     for w, idx in enumerate(assign_chunks(costs[remaining], self.speeds, *hint))
                      if len(idx) or everyone]
             failed, dead = [], set()
             for w, items, ref in calls:
@@ -74,9 +78,12 @@ class RayExecutor(Executor):
                     continue
                 if len(items):
                     store(items, value)
+                    owner[items] = w
                     self._measure(w, method, costs[items].sum(), value, seconds)
             self._drop(dead)
             remaining = np.concatenate(failed) if failed else remaining[:0]
+            groups = None  # after a death the indices moved: deal the rest by load alone
+        return owner
 
     def _measure(self, w: int, method: str, cost: float, value, seconds: float) -> None:
         """Throughput in cost units per second, smoothed: it steers the dealing, never the bits."""
@@ -176,7 +183,8 @@ class Coordinator:
         self.test_data = None if refs.get("test") is None else ray.get(refs["test"])
         self.spec, self.gpus = ReplicaSpec.from_config(cfg), gpus_per_worker(cfg)
         workers = self._start_workers()
-        self.executor = RayExecutor(workers, float(np.median([w["noise_cost"] for w in self.worker_info])))
+        self.executor = RayExecutor(workers, float(np.median([w["noise_cost"] for w in self.worker_info])),
+                                    any(w["frozen_prefix"] for w in self.worker_info))
         self.engine = Engine(cfg.train, self.executor, self.train_data, self.worker_info[0]["d"])
         self.writer = RunLogWriter(self.run_dir)
         self.restarts, self.step = 0, 0

@@ -42,8 +42,13 @@ def gini(x: np.ndarray) -> float:
 class Executor(abc.ABC):
     """The replica verbs over a set of replicas. Each phase's items (rows of examples, chunks of
     queries) are dealt out whole and their results put back by item index, so the bits do not
-    depend on the dealing; subclasses say only how replicas are called (`_scatter`)."""
+    depend on the dealing; subclasses say only how replicas are called (`_scatter`).
+
+    With frozen-prefix reuse a replica holds the prefix outputs of the clean rows it ran, so a query
+    chunk is dealt, where the load allows, to the replica that ran its examples' clean forward."""
     noise_cost = 0.0  # noise generation per seed, in forward-equivalents: the chunk cost model's weight
+    prefix_reuse = False
+    clean_owner = (1, np.zeros(0, np.int64))  # (rows per clean chunk, the replica that ran each)
 
     def clean_forward(self, rows: np.ndarray, batch) -> tuple[np.ndarray, np.ndarray]:
         """Every replica takes the step's batch (an ArrayDataset); losses [n, C] and embeddings
@@ -54,8 +59,9 @@ class Executor(abc.ABC):
         def store(items, value):
             losses[items], parts[tuple(items)] = value
 
-        self._scatter("clean_forward", np.full(len(rows), float(rows.shape[1])), lambda items: (batch, rows[items]),
-                      store, everyone=True)
+        owner = self._scatter("clean_forward", np.full(len(rows), float(rows.shape[1])),
+                              lambda items: (batch, rows[items]), store, everyone=True)
+        self.clean_owner = (rows.shape[1], owner)
         return losses, gather_rows(len(rows), parts)
 
     def evaluate(self, chunks: QueryChunks) -> np.ndarray:
@@ -65,13 +71,21 @@ class Executor(abc.ABC):
         def store(items, value):
             losses[items] = value
 
-        self._scatter("evaluate", chunk_costs(chunks, self.noise_cost), lambda items: (chunks.take(items),), store)
+        groups = None
+        if self.prefix_reuse and len(chunks):  # a chunk needs the clean rows of its first example
+            per_chunk, holder = self.clean_owner
+            groups = (chunks.examples[:, 0] // per_chunk, holder, float(per_chunk))
+        self._scatter("evaluate", chunk_costs(chunks, self.noise_cost), lambda items: (chunks.take(items),), store,
+                      groups=groups)
         return losses
 
     @abc.abstractmethod
-    def _scatter(self, method: str, costs: np.ndarray, take, store, everyone: bool = False) -> None:
+    def _scatter(self, method: str, costs: np.ndarray, take, store, everyone: bool = False,
+                 groups=None) -> np.ndarray:
         """Call `method(*take(items))` on the replicas, each with the items dealt to it (`everyone`:
-        also those dealt none), and `store(items, result)` for every non-empty one."""
+        also those dealt none), and `store(items, result)` for every non-empty one. Returns the
+        replica that answered for each item; `groups` = (group, holder, group_cost) steers the
+        dealing (assign_chunks)."""
 
     @abc.abstractmethod
     def queue_update(self, msg: UpdateMessage) -> None:
@@ -87,13 +101,18 @@ class LocalExecutor(Executor):
 
     def __init__(self, replicas):
         self.replicas = list(replicas)
+        self.prefix_reuse = any(r.forward.prefix is not None for r in self.replicas)
 
-    def _scatter(self, method, costs, take, store, everyone=False) -> None:
-        for replica, items in zip(self.replicas, assign_chunks(costs, np.ones(len(self.replicas)))):
+    def _scatter(self, method, costs, take, store, everyone=False, groups=None) -> np.ndarray:
+        owner = np.zeros(len(costs), np.int64)
+        dealt = assign_chunks(costs, np.ones(len(self.replicas)), *(groups or ()))
+        for w, (replica, items) in enumerate(zip(self.replicas, dealt)):
             if len(items) or everyone:
                 value = getattr(replica, method)(*take(items))
                 if len(items):
                     store(items, value)
+                    owner[items] = w
+        return owner
 
     def queue_update(self, msg: UpdateMessage) -> None:
         for replica in self.replicas:

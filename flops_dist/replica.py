@@ -68,6 +68,7 @@ class Replica:
         # the rows this replica holds: a few sample examples, then each step's batch as it comes
         self.inputs, self.labels = self._tensors(sample)
         self.forward.find_prefix(self.theta, self.inputs[:16], spec.frozen_prefix)
+        self.prefix_chunks, self.clean_rows = {}, 1  # set by each step's clean forward
         self.updates_applied = 0
 
     def _tensors(self, data: ArrayDataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,38 +92,50 @@ class Replica:
 
     def clean_forward(self, batch: ArrayDataset, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Hold the step's batch (its rows, no others), then losses [n, C] and embeddings [n, C, m] at
-        θ for chunks of positions in it. With a frozen prefix, every replica runs the clean forward
-        of the whole batch in its canonical chunks, since its queries may name any example."""
+        θ for chunks of positions in it. With a frozen prefix, the prefix outputs of those rows are
+        kept for the step's queries."""
         self.inputs, self.labels = self._tensors(batch)
-        if self.forward.prefix is None:
-            return self._clean_rows(torch.tensor(rows, device=self.device))
-        every = torch.tensor(chunk_examples(np.arange(len(batch)), rows.shape[1])[0], device=self.device)
-        captured = []
-        losses, embeddings = self._clean_rows(every, captured)
-        self.forward.hold(captured)
-        mine = rows[:, 0] // rows.shape[1]  # canonical chunk i starts at position i·C
-        return losses[mine], embeddings[mine]
-
-    def _clean_rows(self, rows: torch.Tensor, captured: list | None = None) -> tuple[np.ndarray, np.ndarray]:
+        self.prefix_chunks = {}  # canonical clean chunk i (positions i·C ...) -> its prefix outputs
+        self.clean_rows = max(rows.shape[1], 1)
         losses, embeddings = [], []
-        for row in rows:
+        for row in torch.tensor(rows, device=self.device):  # a copy: Ray's arrays are read-only
+            captured = []
             loss, emb = self.forward.clean(self.theta, self.inputs[row], self.labels[row], captured)
             losses.append(loss.cpu().numpy())
             embeddings.append(emb.cpu().numpy())
+            self.prefix_chunks[int(row[0]) // self.clean_rows] = captured
         if not losses:
             return np.zeros((0, rows.shape[1]), np.float32), np.zeros((0, rows.shape[1], 0), np.float32)
         return np.stack(losses), np.stack(embeddings)
 
+    def _hold_prefix(self, examples: np.ndarray) -> np.ndarray:
+        """Make sure the prefix outputs of these batch positions are held (a canonical clean chunk
+        that another replica ran is run here too, so the bits are the same); returns each position's
+        row in the held outputs."""
+        c = self.clean_rows
+        for i in sorted(set(np.unique(examples // c).tolist()) - set(self.prefix_chunks)):
+            row = torch.tensor(chunk_examples(np.arange(len(self.labels)), c)[0][i], device=self.device)
+            captured = []
+            self.forward.clean(self.theta, self.inputs[row], self.labels[row], captured)
+            self.prefix_chunks[i] = captured
+        order = sorted(self.prefix_chunks)
+        self.forward.hold([part for i in order for part in self.prefix_chunks[i]])
+        rank = np.full(max(order) + 1, -1, np.int64)
+        rank[order] = np.arange(len(order))
+        return rank[examples // c] * c + examples % c
+
     def evaluate(self, chunks: QueryChunks) -> np.ndarray:
         """Losses [n, C] of the perturbed queries, one batched forward per chunk."""
         out = np.empty(chunks.examples.shape, np.float32)
+        held = self._hold_prefix(chunks.examples) if self.forward.prefix is not None else None
         examples = torch.tensor(chunks.examples, device=self.device)  # a copy: Ray's arrays are read-only
         for i, (ex, seeds, signs) in enumerate(zip(examples, chunks.seeds, chunks.signs)):
             x, y = self.inputs[ex], self.labels[ex]
+            at = None if held is None else torch.tensor(held[i], device=self.device)
             if chunks.shared:
-                loss = self.forward.shared(self.theta, int(seeds[0]), int(signs[0]), x, y, ex)
+                loss = self.forward.shared(self.theta, int(seeds[0]), int(signs[0]), x, y, at)
             else:
-                loss = self.forward.independent(self.theta, seeds, signs, x, y, ex)
+                loss = self.forward.independent(self.theta, seeds, signs, x, y, at)
             out[i] = loss.cpu().numpy()
         return out
 

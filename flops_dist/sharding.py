@@ -97,10 +97,15 @@ def chunk_costs(chunks: QueryChunks, noise_cost: float) -> np.ndarray:
     return np.full(len(chunks), chunks.seeds.shape[1] + noise_cost * per_chunk_seeds, np.float64)
 
 
-def assign_chunks(costs: np.ndarray, speeds: np.ndarray) -> list[np.ndarray]:
+def assign_chunks(costs: np.ndarray, speeds: np.ndarray, group: np.ndarray | None = None,
+                  holder: np.ndarray | None = None, group_cost: float = 0.0) -> list[np.ndarray]:
     """Longest-processing-time greedy: each chunk, largest first, goes to the worker that would
-    finish it soonest given its measured speed. Deterministic; any assignment gives the same bits."""
+    finish it soonest given its measured speed. With groups (chunk c needs group[c], which worker
+    holder[g] already has, −1 none), see `_assign_by_group`. Deterministic; any assignment gives
+    the same bits."""
     speeds = np.asarray(speeds, np.float64)
+    if group is not None:
+        return _assign_by_group(np.asarray(costs, np.float64), speeds, np.asarray(group), np.asarray(holder), group_cost)
     finish = np.zeros(len(speeds))
     owner = np.empty(len(costs), np.int64)
     for c in np.argsort(-costs, kind="stable"):
@@ -108,6 +113,30 @@ def assign_chunks(costs: np.ndarray, speeds: np.ndarray) -> list[np.ndarray]:
         owner[c] = w
         finish[w] += costs[c] / speeds[w]
     return [np.nonzero(owner == w)[0] for w in range(len(speeds))]
+
+
+def _assign_by_group(costs, speeds, group, holder, group_cost) -> list[np.ndarray]:
+    """Each chunk goes to the holder of its group (an unheld group's chunks, by least load); then
+    the most loaded worker hands its last chunks to the least loaded while that shortens the step.
+    A worker pays `group_cost` once for each group it did not hold, so groups are split rarely."""
+    n = len(speeds)
+    owner = np.array([holder[g] if 0 <= g < len(holder) and 0 <= holder[g] < n else -1 for g in group], np.int64)
+    load = np.array([costs[owner == w].sum() / speeds[w] for w in range(n)])
+    held = {(int(holder[g]), int(g)) for g in set(group.tolist()) if 0 <= g < len(holder) and 0 <= holder[g] < n}
+    for c in np.nonzero(owner < 0)[0]:
+        owner[c] = int(np.argmin(load + (costs[c] + group_cost) / speeds))
+        load[owner[c]] += (costs[c] + group_cost * ((owner[c], group[c]) not in held)) / speeds[owner[c]]
+        held.add((int(owner[c]), int(group[c])))
+    while n > 1:
+        hi, lo = int(np.argmax(load)), int(np.argmin(load))
+        c = int(np.nonzero(owner == hi)[0][-1])
+        extra = 0.0 if (lo, int(group[c])) in held else group_cost
+        after_hi, after_lo = load[hi] - costs[c] / speeds[hi], load[lo] + (costs[c] + extra) / speeds[lo]
+        if max(after_hi, after_lo) >= load[hi]:
+            break
+        owner[c], load[hi], load[lo] = lo, after_hi, after_lo
+        held.add((lo, int(group[c])))
+    return [np.nonzero(owner == w)[0] for w in range(n)]
 
 
 def gather_rows(n_rows: int, parts: dict[tuple, np.ndarray]) -> np.ndarray:

@@ -6,6 +6,7 @@ import socket
 import time
 
 import ray
+import torch
 
 from .metrics import peak_rss_bytes
 from .replica import Replica
@@ -18,7 +19,8 @@ class Worker:
     def info(self) -> dict:
         return {"d": self.replica.d, "device": str(self.replica.device), "host": socket.gethostname(),
                 "pid": os.getpid(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-                "updates_applied": self.replica.updates_applied, "noise_cost": self.replica.noise_cost()}
+                "updates_applied": self.replica.updates_applied, "noise_cost": self.replica.noise_cost(),
+                "frozen_prefix": self.replica.forward.prefix is not None}
 
     def clean_forward(self, update, batch, rows):
         """Apply the queued update, if any, then take the step's batch and run its clean forward:
@@ -40,6 +42,9 @@ class Worker:
         self.replica.apply(msg)
 
     def peak_memory(self) -> int:
+        """Peak bytes: the process's resident memory, or on a GPU the device memory torch allocated."""
+        if self.replica.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.replica.device)
         return peak_rss_bytes()
 
     def hash(self) -> str:

@@ -94,3 +94,15 @@ def test_queries_do_not_run_the_prefix():
         handle.remove()
     assert calls["auto"] == 3  # the clean forward: 24 examples in chunks of 8
     assert calls["off"] == 3 + 24 * 8 // 8  # and one forward per chunk of 8 queries
+
+
+def test_with_two_replicas_the_prefix_runs_about_once_per_example():
+    reps = tower_run("auto", replicas=2, steps=0)
+    calls = []
+    for rep in reps:
+        rep.model.blocks[0][1].register_forward_pre_hook(lambda m, a: calls.append(1))
+    cfg = TrainConfig(batch_size=24, sigma=0.01, chunk_size=8, allocator="uniform")
+    Engine(cfg, LocalExecutor(reps), blobs(), reps[0].d).step(0)
+    # 3 clean chunks of 8 between two replicas; queries are dealt to the replica holding their
+    # examples' prefix, so at most one chunk is run twice (by a replica that takes a straddler)
+    assert 3 <= len(calls) <= 4, len(calls)

@@ -1,0 +1,70 @@
+"""Frozen-prefix reuse on the main job: queries per second with and without it, in one run.
+
+    python bench/prefix_reuse.py [--steps 60] [--rounds 2] [--smoke]
+
+The main job (examples/digits/digits.toml: the ViT's head is the target, so the patch embedding, both
+blocks and the norm are its frozen prefix) runs with `target.frozen_prefix = "off"` and "auto" in
+turn, `rounds` times, in one Ray instance. Queries per second are Σ queries / Σ step seconds from the
+run log, after the first 5 steps (warm-up). Both settings must end with bit-identical models; the
+bench says so and fails otherwise. The last line is read by a program:
+
+    prefix reuse speedup: S
+
+S is the median over rounds of auto's queries/s over off's, each round's pair run side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+
+import numpy as np
+import ray
+
+import flops_dist
+from common import digits_config, fresh_dir
+from flops_dist.loading import build_model, load_callable
+
+WARMUP = 5
+
+
+def run(steps: int, mode: str, run_dir) -> tuple[float, str]:
+    """(queries per second after warm-up, the final model's θ hash)."""
+    cfg = digits_config(train__steps=steps, target__frozen_prefix=mode,
+                        output__run_dir=str(run_dir), output__log_every=10**6)
+    cfg.data.test = ""
+    result = flops_dist.train(build_model(cfg), load_callable(cfg.model.loss, "model.loss"), cfg.data.train, cfg,
+                              progress=lambda line: None)
+    log = result.run_log.to_pydict()
+    queries, seconds = np.array(log["queries"][WARMUP:]), np.array(log["seconds"][WARMUP:])
+    digest = hashlib.sha256()
+    for name, value in sorted(result.model.state_dict().items()):
+        digest.update(name.encode() + value.detach().cpu().numpy().tobytes())
+    return queries.sum() / seconds.sum(), digest.hexdigest()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--smoke", action="store_true", help="one round of 8 steps")
+    args = ap.parse_args()
+    steps, rounds = (8, 1) if args.smoke else (args.steps, args.rounds)
+    out = fresh_dir("prefix_reuse")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ratios, hashes = [], set()
+    print(f"{'round':>5} {'off q/s':>9} {'auto q/s':>9} {'speedup':>8}")
+    for r in range(rounds):
+        off, h_off = run(steps, "off", out / f"off-{r}")
+        auto, h_auto = run(steps, "auto", out / f"auto-{r}")
+        hashes |= {h_off, h_auto}
+        ratios.append(auto / off)
+        print(f"{r:>5} {off:>9.0f} {auto:>9.0f} {ratios[-1]:>8.2f}", flush=True)
+    ray.shutdown()
+    if len(hashes) != 1:
+        raise SystemExit(f"prefix reuse changed the trained model: θ hashes {sorted(hashes)}")
+    print(f"the trained models are bit-identical with and without reuse (sha256 {hashes.pop()[:16]})")
+    print(f"prefix reuse speedup: {np.median(ratios):.2f}")
+
+
+if __name__ == "__main__":
+    main()
