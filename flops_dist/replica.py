@@ -181,11 +181,12 @@ class Replica:
         return self.hash()
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """The model's full state with θ written in, as numpy arrays (for safetensors)."""
+        """The model's full state with θ written in, as numpy arrays (for safetensors). numpy has no
+        bfloat16, so bf16 tensors are written as float32 (exactly); loading casts them back."""
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         for name, value in self.target.unflatten(self.theta).items():
             state[name] = value.detach().cpu()
-        return {k: v.contiguous().numpy() for k, v in state.items()}
+        return {k: (v.float() if v.dtype == torch.bfloat16 else v).contiguous().numpy() for k, v in state.items()}
 
     def score(self, dataset, metric: str, chunk: int = 256) -> float:
         """Accuracy (argmax of outputs) or mean loss at θ on a held-out dataset (any with batches())."""

@@ -106,3 +106,41 @@ def test_with_two_replicas_the_prefix_runs_about_once_per_example():
     # 3 clean chunks of 8 between two replicas; queries are dealt to the replica holding their
     # examples' prefix, so at most one chunk is run twice (by a replica that takes a straddler)
     assert 3 <= len(calls) <= 4, len(calls)
+
+
+class HalfPrecision(nn.Module):
+    """A model whose weights are stored in bf16 or fp16: inputs are cast to them, logits back."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 3)).to(dtype)
+
+    def forward(self, x):
+        return self.net(x.to(self.net[0].weight.dtype)).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_train_on_an_fp32_master(dtype):
+    cfg = TrainConfig(batch_size=24, sigma=0.01, learning_rate=0.02, chunk_size=8)
+    spec = ReplicaSpec(sigma=cfg.sigma)
+    data = blobs()
+    runs = []
+    for replicas in (1, 2):
+        reps = [Replica(HalfPrecision(dtype), cross_entropy, data, spec) for _ in range(replicas)]
+        engine = Engine(cfg, LocalExecutor(reps), data, reps[0].d)
+        losses = [engine.step(t).record.loss for t in range(30)]
+        runs.append((reps, losses))
+    (one, losses), (two, _) = runs
+    assert one[0].theta.dtype == torch.float32 and one[0].model.net[0].weight.dtype == dtype
+    assert {r.hash() for r in two} == {one[0].hash()}  # deterministic across replica counts
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])  # it learns
+    start = Target.select(HalfPrecision(dtype), "all").flatten(HalfPrecision(dtype))
+    exported = one[0].state_dict()["net.0.weight"]  # numpy has no bf16: written as float32, exactly
+    assert exported.dtype == (np.float32 if dtype == torch.bfloat16 else np.float16)
+    assert torch.equal(torch.from_numpy(exported).to(dtype), one[0].theta[:320].reshape(32, 10).to(dtype))
+    # the master keeps steps finer than the weights' own precision: θ moved where the cast did not
+    moved = one[0].theta != start
+    recast = one[0].theta.to(dtype).float() != start
+    assert moved.sum() > recast.sum()
