@@ -43,6 +43,8 @@ class TrainConfig:
     allocator_learning_rate: float = 0.05  # step size for λ; 0 freezes λ at its initial value
     seed: int = 0                    # run seed: data order, query seeds, allocator samples
     chunk_size: int = 16             # queries per evaluation chunk; fixed boundaries keep losses batch-invariant
+    clean_chunk_size: int = 0        # examples per clean-forward chunk (0: chunk_size); with a frozen prefix,
+                                     # how finely the batch's prefix outputs split over workers
     hash_every: int = 50             # compare replica hashes every this many steps (0: only at the end)
     stop_dropped_fraction: float = 1.0  # stop when at least this fraction of a step's queries give NaN/inf (1: all)
 
@@ -125,6 +127,7 @@ class Config:
         for name in ("steps", "batch_size", "queries_per_example", "min_queries", "chunk_size"):
             _at_least(f"train.{name}", getattr(t, name), 1)
         _at_least("train.seed", t.seed, 0)
+        _at_least("train.clean_chunk_size", t.clean_chunk_size, 0)
         _at_least("train.hash_every", t.hash_every, 0)
         for name in ("sigma", "learning_rate", "momentum", "weight_decay", "allocator_learning_rate",
                      "stop_dropped_fraction"):

@@ -190,7 +190,8 @@ class Engine:
     def _clean_forward(self, batch: np.ndarray) -> BatchFeatures:
         """Every replica takes the batch's rows; clean losses Φ and embeddings e of its examples.
         A chunk never holds more rows than the batch: padding would be wasted forwards."""
-        rows, _ = chunk_examples(np.arange(len(batch)), min(self.cfg.chunk_size, len(batch)))
+        size = self.cfg.clean_chunk_size or self.cfg.chunk_size
+        rows, _ = chunk_examples(np.arange(len(batch)), min(size, len(batch)))
         clean_rows, emb_rows = self.executor.clean_forward(rows, self.data.rows(batch))
         return BatchFeatures(clean_rows.reshape(-1)[:len(batch)].astype(np.float64),
                              emb_rows.reshape(-1, emb_rows.shape[-1])[:len(batch)])
