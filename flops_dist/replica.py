@@ -67,7 +67,8 @@ class Replica:
                                         self.device, spec.embedding_module or None)
         # the rows this replica holds: a few sample examples, then each step's batch as it comes
         self.inputs, self.labels = self._tensors(sample)
-        self.forward.find_prefix(self.theta, self.inputs[:16], spec.frozen_prefix)
+        if len(self.labels):  # a replica that only replays updates (verify) holds no examples
+            self.forward.find_prefix(self.theta, self.inputs[:16], spec.frozen_prefix)
         self.prefix_chunks, self.clean_rows = {}, 1  # set by each step's clean forward
         self.updates_applied = 0
 
