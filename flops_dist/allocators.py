@@ -15,7 +15,8 @@ Allocators:
              halved with probability 1/2; the rest of the budget is spread over the others.
 - flops:     the learned Gaussian allocator: x ~ N(μ, K), μ_j = β0 + β1 Φ̃_j,
              K_ij = s² exp(−(1 − cos(e_i, e_j)) / (2γ²)), then A = project_to_budget(max(x, 0)).
-             λ = (β0, β1, s, γ) follows the likelihood-ratio gradient of E[J(A)], J(A) = Σ ĉ_j / A_j.
+             (β1, s, γ) follow the likelihood-ratio gradient of E[J(A)], J(A) = Σ ĉ_j / A_j, on the
+             continuous allocation; β0 stays fixed (the projection makes the scale of x irrelevant).
 """
 from __future__ import annotations
 
@@ -48,22 +49,24 @@ def variance_objective(c: np.ndarray, allocation: np.ndarray) -> float:
 
 def water_fill(weights: np.ndarray, budget: float, a_min: float) -> np.ndarray:
     """The real allocation A_j = max(A_min, α w_j) with Σ_j A_j = budget; α is found by sorting.
-    With w = √c this is the continuous minimiser of V under the floor A_min."""
+    With w = √c this is the continuous minimiser of V under the floor A_min. Weights [..., B]:
+    each row (a candidate) is filled on its own."""
     w = np.nan_to_num(np.asarray(weights, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     w = np.maximum(w, 0.0)
-    batch = len(w)
+    batch = w.shape[-1]
     if budget < batch * a_min:
         raise ValueError(f"budget {budget} is below batch size × minimum = {batch} × {a_min}")
-    if w.sum() <= 0.0:
-        w = np.ones(batch)
-    ws = w[np.argsort(-w, kind="stable")]
+    w = np.where(w.sum(-1, keepdims=True) > 0.0, w, 1.0)
+    ws = -np.sort(-w, axis=-1)
     k = np.arange(1, batch + 1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        alpha = (budget - (batch - k) * a_min) / np.cumsum(ws)
+        alpha = (budget - (batch - k) * a_min) / np.cumsum(ws, axis=-1)
     # the largest prefix whose smallest member still sits above the floor
-    above = np.nonzero((ws > 0) & (alpha * ws >= a_min))[0]
-    real = np.maximum(float(a_min), (alpha[above[-1]] if len(above) else 0.0) * w)
-    return real * (budget / real.sum())  # absorb the float error of the water level
+    above = (ws > 0) & (alpha * ws >= a_min)
+    last = batch - 1 - np.argmax(above[..., ::-1], axis=-1)
+    level = np.where(above.any(-1), np.take_along_axis(alpha, last[..., None], -1)[..., 0], 0.0)
+    real = np.maximum(float(a_min), level[..., None] * w)
+    return real * (budget / real.sum(-1, keepdims=True))  # absorb the float error of the water level
 
 
 def project_to_budget(weights: np.ndarray, budget: int, a_min: int) -> np.ndarray:
@@ -155,7 +158,13 @@ class BernoulliAllocator(UniformAllocator):
 
 @dataclass(frozen=True)
 class LambdaState:
-    """λ = (β0, β1, log s, log γ) and the Adam moments learn() keeps for it."""
+    """λ = (β0, β1, log s, log γ) and the Adam moments learn() keeps for it.
+
+    β0 is held fixed: the projection scales x to the budget, so λ and (aβ0, aβ1, as, γ) give the
+    same allocation for any a > 0. Fixing β0 > 0 removes that direction, along which learning
+    drifted until β0 crossed zero and the allocation reversed; Σ_j μ_j = B·β0 then stays positive.
+    `adam_step` counts learn steps: the step-size decay reads it, so a resumed run decays the same.
+    """
     beta0: float
     beta1: float
     log_s: float
@@ -204,12 +213,16 @@ class GaussianAllocator:
 
     def __init__(self, beta0: float = 1.0, beta1: float = 1.0, scale: float = 0.3,
                  lengthscale: float = 0.5, learning_rate: float = 0.05, candidates: int = 16,
-                 features: int = 64, nugget: float = 0.05):
-        self.state = LambdaState(beta0, beta1, math.log(scale), math.log(lengthscale))
+                 features: int = 64, nugget: float = 0.05, min_scale: float = 0.05, decay_steps: float = 200.0):
+        if not beta0 > 0:
+            raise ValueError(f"beta0 is the fixed scale of the mean and must be positive, got {beta0}")
+        self.state = LambdaState(beta0, beta1, math.log(max(scale, min_scale * beta0)), math.log(lengthscale))
         self.learning_rate = learning_rate  # 0 freezes λ
         self.candidates = candidates
         self.n_features = features
         self.nugget = nugget
+        self.min_scale = min_scale  # floor of s/β0: below it every candidate is the same allocation
+        self.decay_steps = decay_steps
 
     def parameters(self) -> dict[str, float]:
         s = self.state
@@ -261,8 +274,15 @@ class GaussianAllocator:
         return -0.5 * (quad / s2_eta + logdet + batch * math.log(2 * math.pi))
 
     def learn(self, ask: GaussianAsk, c_hat: np.ndarray) -> None:
-        """One likelihood-ratio step on λ: ∇E[J] ≈ (1/M) Σ_m (J_m − b_m) ∇ log p(x_m | λ), with the
-        leave-one-out baseline b_m, and advantages divided by mean J so the step is scale-free."""
+        """One likelihood-ratio step on (β1, log s, log γ): ∇E[J] ≈ (1/M) Σ_m (J_m − b_m) ∇ log p(x_m | λ),
+        with the leave-one-out baseline b_m, and advantages divided by mean J so the step is scale-free.
+
+        J_m is V on the *continuous* allocation water_fill(x_m): rounded allocations of nearby
+        candidates coincide, which zeroes every advantage once s is small and stops learning for good.
+        The step size decays as η/√(1 + t/decay_steps) (Adam's step is about η whatever the
+        gradient's scale, so a constant η leaves λ jittering around the optimum), and s stays at or
+        above min_scale·β0.
+        """
         c = np.nan_to_num(np.asarray(c_hat, np.float64), nan=0.0)
         if self.learning_rate <= 0 or not np.any(c > 0):
             return
@@ -270,19 +290,23 @@ class GaussianAllocator:
         with torch.no_grad():
             z = random_features(ask.unit, ask.omega, ask.phase, raw[3])
             x = self._sample(raw[0] + raw[1] * ask.phi, z, raw[2], ask.rng, self.candidates)
-        j = np.array([variance_objective(c, project_to_budget(row, ask.budget, ask.a_min)) for row in x.numpy()])
+        j = (c / water_fill(x.numpy(), ask.budget, ask.a_min)).sum(1)
         baseline = (j.sum() - j) / (len(j) - 1)
         advantage = torch.from_numpy((j - baseline) / j.mean())
         optimizer = self._adam(raw)
         (advantage * self.log_prob(x, ask.phi, ask.unit, ask.omega, ask.phase, raw)).mean().backward()
+        raw.grad[0] = 0.0  # β0 is fixed (LambdaState); Adam moves a zero-gradient coordinate by exactly 0
         optimizer.step()
+        with torch.no_grad():
+            raw[2].clamp_(min=math.log(self.min_scale * self.state.beta0))
         moments = optimizer.state[raw]
         self.state = LambdaState(*raw.detach().tolist(), float(moments["step"]),
                                  tuple(moments["exp_avg"].tolist()), tuple(moments["exp_avg_sq"].tolist()))
 
     def _adam(self, raw: torch.Tensor) -> torch.optim.Adam:
-        """torch's Adam over λ, resumed from the moments in the state."""
-        optimizer = torch.optim.Adam([raw], lr=self.learning_rate)
+        """torch's Adam over λ, resumed from the moments in the state, at this step's decayed size."""
+        step_size = self.learning_rate / math.sqrt(1.0 + self.state.adam_step / self.decay_steps)
+        optimizer = torch.optim.Adam([raw], lr=step_size)
         if self.state.adam_step:
             optimizer.state[raw] = {"step": torch.tensor(self.state.adam_step, dtype=torch.float32),
                                     "exp_avg": torch.tensor(self.state.adam_m, dtype=torch.float64),
