@@ -10,7 +10,8 @@ the allocator's `state`, a small dataclass (None for those that do not learn), l
 
 Allocators:
 - uniform:   A_j = N / B.
-- neyman:    A_min pilot units each, then A ∝ √ĉ_pilot: an adaptive oracle with no learning.
+- neyman:    A_min pilot units each, then A ∝ √ĉ_pilot: an adaptive oracle with no learning; the
+             pilot is reused in the estimate (biased) or only allocates (unbiased).
 - bernoulli: the heuristic of the FLOPS authors' code: a below-mean-loss example has its units
              halved with probability 1/2; the rest of the budget is spread over the others.
 - flops:     the learned Gaussian allocator: x ~ N(μ, K), μ_j = β0 + β1 Φ̃_j,
@@ -112,6 +113,7 @@ def standardize(x: np.ndarray) -> np.ndarray:
 class UniformAllocator:
     name = "uniform"
     pilot_units = 0
+    reuses_pilot = True  # a pilot's units (neyman's) also count in the estimate
     state = None  # nothing is learned
 
     def allocate(self, features: BatchFeatures, budget: int, a_min: int, rng: np.random.Generator):
@@ -133,18 +135,29 @@ class UniformAllocator:
 
 
 class NeymanAllocator(UniformAllocator):
-    """Pilot A_min units per example, then the whole allocation ∝ √ĉ_pilot. Large pilots attract
-    more units, so with a small pilot the resulting estimate is biased; bench/ reports how much."""
+    """Pilot p = A_min units per example, then units ∝ √ĉ_pilot; an adaptive oracle with no learning.
+
+    reuse: A = project_to_budget(√ĉ, N, p) and the pilot's units count in the estimate. A pilot with
+    a large |Δ| attracts more units, so its own term gets a smaller weight 1/A_j: E[ĝ] is shrunk
+    along g (biased).
+    discard: the pilot only allocates. A_j = p + A'_j, A' = project_to_budget(√ĉ, N − B·p, 1), and
+    the estimate uses the A'_j later units alone. Their seeds are new, so given the pilot A' is a
+    constant and each ĝ_j is unbiased; the price is the B·p pilot units the estimate does not use.
+    """
     name = "neyman"
 
-    def __init__(self, pilot_units: int):
+    def __init__(self, pilot_units: int, reuse_pilot: bool = True):
         self.pilot_units = pilot_units
+        self.reuses_pilot = reuse_pilot
 
     def allocation(self, features, budget, a_min, rng):
         if features.pilot_c_hat is None:
             raise ValueError("neyman allocation needs the pilot's variance estimates")
-        c = np.nan_to_num(features.pilot_c_hat, nan=0.0)
-        return project_to_budget(np.sqrt(np.maximum(c, 0.0)), budget, max(a_min, self.pilot_units))
+        root_c = np.sqrt(np.maximum(np.nan_to_num(features.pilot_c_hat, nan=0.0), 0.0))
+        if self.reuses_pilot:
+            return project_to_budget(root_c, budget, max(a_min, self.pilot_units))
+        # every example keeps ≥ 1 unit beyond the pilot, or its gradient would be missing from ĝ
+        return self.pilot_units + project_to_budget(root_c, budget - self.pilot_units * len(root_c), 1)
 
 
 class BernoulliAllocator(UniformAllocator):
@@ -210,6 +223,7 @@ class GaussianAllocator:
     """
     name = "flops"
     pilot_units = 0
+    reuses_pilot = True  # it has no pilot: nothing to discard
 
     def __init__(self, beta0: float = 1.0, beta1: float = 1.0, scale: float = 0.3,
                  lengthscale: float = 0.5, learning_rate: float = 0.05, candidates: int = 16,
@@ -314,12 +328,12 @@ class GaussianAllocator:
         return optimizer
 
 
-def make_allocator(name: str, *, pilot_units: int = 1, learning_rate: float = 0.05,
+def make_allocator(name: str, *, pilot_units: int = 1, reuse_pilot: bool = True, learning_rate: float = 0.05,
                    **gaussian) -> UniformAllocator | GaussianAllocator:
     if name == "uniform":
         return UniformAllocator()
     if name == "neyman":
-        return NeymanAllocator(pilot_units)
+        return NeymanAllocator(pilot_units, reuse_pilot)
     if name == "bernoulli":
         return BernoulliAllocator()
     if name == "flops":

@@ -19,6 +19,7 @@ from .noise import KINDS as NOISE_KINDS
 from .update import OPTIMIZERS, OptimizerConfig
 
 PAIRINGS = ("independent", "shared")
+NEYMAN_PILOTS = ("reuse", "discard")
 
 
 class ConfigError(ValueError):
@@ -41,6 +42,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     allocator: str = "flops"         # uniform, neyman, bernoulli or flops
     allocator_learning_rate: float = 0.05  # step size for λ; 0 freezes λ at its initial value
+    neyman_pilot: str = "reuse"      # reuse: the pilot's queries count in the estimate (biased); discard: they only allocate
     seed: int = 0                    # run seed: data order, query seeds, allocator samples
     chunk_size: int = 16             # queries per evaluation chunk; fixed boundaries keep losses batch-invariant
     hash_every: int = 50             # compare replica hashes every this many steps (0: only at the end)
@@ -119,6 +121,7 @@ class Config:
         _choice("train.pairing", t.pairing, PAIRINGS)
         _choice("train.optimizer", t.optimizer, OPTIMIZERS)
         _choice("train.allocator", t.allocator, ALLOCATORS)
+        _choice("train.neyman_pilot", t.neyman_pilot, NEYMAN_PILOTS)
         _choice("data.metric", self.data.metric, ("accuracy", "loss"))
         for name in ("steps", "batch_size", "queries_per_example", "min_queries", "chunk_size"):
             _at_least(f"train.{name}", getattr(t, name), 1)

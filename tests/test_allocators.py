@@ -237,3 +237,13 @@ def test_learning_resumes_bit_identically_from_the_logged_state():
 def test_the_mean_s_scale_is_fixed_and_must_be_positive():
     with pytest.raises(ValueError, match="beta0"):
         GaussianAllocator(beta0=0.0)
+
+
+def test_neyman_with_a_discarded_pilot_gives_every_example_a_unit_beyond_it():
+    """The estimate sees only the units after the pilot, so each example needs at least one; the
+    rest of N − B·p follows √ĉ_pilot as before."""
+    c = np.array([1.0, 4.0, 9.0, 0.0])
+    f = BatchFeatures(np.zeros(4), None, pilot_c_hat=c)
+    alloc = NeymanAllocator(pilot_units=2, reuse_pilot=False).allocate(f, 4 * 5, 2, np.random.default_rng(0))[0]
+    assert alloc.sum() == 20 and alloc.min() == 3
+    assert (alloc - 2).tolist() == project_to_budget(np.sqrt(c), 20 - 8, 1).tolist()
