@@ -48,6 +48,30 @@ def variance_objective(c: np.ndarray, allocation: np.ndarray) -> float:
     return float(np.sum(np.asarray(c, np.float64) / allocation))
 
 
+def shared_variance_objective(c: np.ndarray, allocation: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """V(A) under shared pairing, for rows of allocation [..., B].
+
+    With shared noise, unit k of every example uses the same u_k, so ĝ = (1/B) Σ_k u_k u_kᵀ h_k with
+    h_k = Σ_{j: A_j > k} g_j / A_j, independent across k, each with Tr Cov = κ‖h_k‖². Summed over k,
+        B² Tr Cov ĝ = κ Σ_{i,j} g_iᵀg_j / max(A_i, A_j) = Σ_j c_j / A_j + κ Σ_{i≠j} g_iᵀg_j / max(A_i, A_j):
+    Σ c_j/A_j plus the covariance of the examples' estimates, which aligned gradients make positive.
+    `scores` z [B, m] (estimators.shared_unit_scores, over m units every example has; NaN counts as 0)
+    give E[z_ik z_jk] = κ g_iᵀg_j, so the cross term is estimated without bias by
+        (1/m) Σ_k (Σ_{i,j} z_ik z_jk / max(A_i, A_j) − Σ_j z_jk² / A_j),
+    and since 1/max(a, b) = ∫ 1[a ≤ t] 1[b ≤ t] dt/t², with A sorted ascending and P_r the prefix
+    sums of z in that order, Σ_{i,j} z_i z_j / max(A_i, A_j) = Σ_r P_r² (1/A_(r) − 1/A_(r+1)): O(B log B).
+    """
+    a = np.asarray(allocation, np.float64)
+    z = np.nan_to_num(np.asarray(scores, np.float64))
+    order = np.argsort(a, axis=-1, kind="stable")
+    inverse = 1.0 / np.take_along_axis(a, order, -1)
+    gaps = inverse - np.concatenate([inverse[..., 1:], np.zeros_like(inverse[..., :1])], -1)
+    prefix = np.cumsum(z[order], axis=-2)  # [..., B, m]
+    pairs = (prefix**2 * gaps[..., None]).sum((-2, -1))
+    own = ((z**2).sum(-1) / a).sum(-1)
+    return (np.asarray(c, np.float64) / a).sum(-1) + (pairs - own) / max(z.shape[1], 1)
+
+
 def water_fill(weights: np.ndarray, budget: float, a_min: float) -> np.ndarray:
     """The real allocation A_j = max(A_min, α w_j) with Σ_j A_j = budget; α is found by sorting.
     With w = √c this is the continuous minimiser of V under the floor A_min. Weights [..., B]:
@@ -122,7 +146,7 @@ class UniformAllocator:
     def allocation(self, features: BatchFeatures, budget: int, a_min: int, rng: np.random.Generator):
         return project_to_budget(np.ones(len(features.losses)), budget, a_min)
 
-    def learn(self, ask, c_hat: np.ndarray) -> None:
+    def learn(self, ask, c_hat: np.ndarray, shared_scores: np.ndarray | None = None) -> None:
         """Nothing to learn."""
 
     def parameters(self) -> dict[str, float]:
@@ -287,12 +311,13 @@ class GaussianAllocator:
             logdet = logdet + 2 * torch.log(torch.diagonal(chol)).sum()
         return -0.5 * (quad / s2_eta + logdet + batch * math.log(2 * math.pi))
 
-    def learn(self, ask: GaussianAsk, c_hat: np.ndarray) -> None:
+    def learn(self, ask: GaussianAsk, c_hat: np.ndarray, shared_scores: np.ndarray | None = None) -> None:
         """One likelihood-ratio step on (β1, log s, log γ): ∇E[J] ≈ (1/M) Σ_m (J_m − b_m) ∇ log p(x_m | λ),
         with the leave-one-out baseline b_m, and advantages divided by mean J so the step is scale-free.
 
         J_m is V on the *continuous* allocation water_fill(x_m): rounded allocations of nearby
         candidates coincide, which zeroes every advantage once s is small and stops learning for good.
+        Under shared pairing (`shared_scores` given) V is shared_variance_objective, not Σ ĉ_j / A_j.
         The step size decays as η/√(1 + t/decay_steps) (Adam's step is about η whatever the
         gradient's scale, so a constant η leaves λ jittering around the optimum), and s stays at or
         above min_scale·β0.
@@ -304,7 +329,8 @@ class GaussianAllocator:
         with torch.no_grad():
             z = random_features(ask.unit, ask.omega, ask.phase, raw[3])
             x = self._sample(raw[0] + raw[1] * ask.phi, z, raw[2], ask.rng, self.candidates)
-        j = (c / water_fill(x.numpy(), ask.budget, ask.a_min)).sum(1)
+        candidates = water_fill(x.numpy(), ask.budget, ask.a_min)
+        j = (c / candidates).sum(1) if shared_scores is None else shared_variance_objective(c, candidates, shared_scores)
         baseline = (j.sum() - j) / (len(j) - 1)
         advantage = torch.from_numpy((j - baseline) / j.mean())
         optimizer = self._adam(raw)

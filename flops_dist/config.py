@@ -147,11 +147,20 @@ class Config:
             raise ConfigError(f"train.queries_per_example: the budget N = B·A₀ = {t.batch_size}×"
                               f"{t.queries_per_example} is below the minimum B·A_min = {t.batch_size}×"
                               f"{t.min_queries}; raise queries_per_example or lower min_queries")
-        if t.allocator == "neyman" and t.queries_per_example == t.min_queries:
-            raise ConfigError("train.queries_per_example: neyman spends min_queries per example on a pilot "
-                              "and needs budget left after it")
+        self._validate_neyman()
         self._validate_cluster_and_output()
         return self
+
+    def _validate_neyman(self) -> None:
+        t = self.train
+        if t.allocator != "neyman":
+            return
+        if t.pairing == "shared":  # its estimates are correlated: allocators.shared_variance_objective
+            raise ConfigError("train.allocator / train.pairing: neyman's A ∝ √ĉ minimises the variance of "
+                              "independent noise only; with shared noise use allocator flops or uniform")
+        if t.queries_per_example == t.min_queries:
+            raise ConfigError("train.queries_per_example: neyman spends min_queries per example on a pilot "
+                              "and needs budget left after it")
 
     def _validate_cluster_and_output(self) -> None:
         c = self.cluster

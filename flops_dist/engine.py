@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .allocators import BatchFeatures, make_allocator, project_to_budget, variance_objective
+from .allocators import (BatchFeatures, make_allocator, project_to_budget, shared_variance_objective,
+                         variance_objective)
 from .config import TrainConfig, require_batch_fits
-from .estimators import QueryLosses, estimate
+from .estimators import QueryLosses, estimate, shared_unit_scores
 from .record import LAMBDA_NAMES, StepRecord
 from .sharding import QueryChunks, assign_chunks, chunk_costs, chunk_examples, gather_rows, plan_queries
 from .update import UpdateMessage
@@ -151,13 +152,15 @@ class Engine:
         allocation, ask, queries, spent = self._spend_queries(features, usable, seed_base, t)
         est = self._estimate(queries, features)
         self._stop_if_dropped(t, est.dropped_queries, len(queries.loss))
+        scores = self._shared_scores(queries, features)
         if usable.any():
-            self.allocator.learn(ask, est.c_hat[usable] if not usable.all() else est.c_hat)
+            common = None if scores is None else scores[usable][:, :allocation[usable].min()]
+            self.allocator.learn(ask, est.c_hat[usable], common)
         msg = UpdateMessage(t, cfg.learning_rate, est.seeds, est.coefficients)
         self.executor.queue_update(msg)
         theta_hash = self.check_replicas(t) if cfg.hash_every and (t + 1) % cfg.hash_every == 0 else ""
-        record = self._record(t, features, usable, allocation, spent, est, msg, theta_hash,
-                              time.perf_counter() - began)
+        record = self._record(t, features, usable, allocation, spent, est, self._variance_proxy(est, scores), msg,
+                              theta_hash, time.perf_counter() - began)
         return StepOutcome(record, msg, allocation)
 
     def _spend_queries(self, features: BatchFeatures, usable: np.ndarray, seed_base: int, t: int):
@@ -202,14 +205,32 @@ class Engine:
         allocation[usable], ask = self.allocator.allocate(features.subset(usable), budget, self.a_min, rng)
         return allocation, ask
 
+    def _shared_scores(self, queries: QueryLosses, features: BatchFeatures) -> np.ndarray | None:
+        """z_jk = √κ Δ_jk/σ by (example, unit) under shared pairing, whose products across examples
+        estimate their estimates' covariance; None for independent pairing, which has none."""
+        cfg = self.cfg
+        if cfg.pairing != "shared":
+            return None
+        return shared_unit_scores(queries, features.losses, cfg.estimator, cfg.sigma, self.d, cfg.noise)
+
+    @staticmethod
+    def _variance_proxy(est, scores: np.ndarray | None) -> float:
+        """V̂(A)/B'² over the B' examples in the estimate, A_j the units it averaged (a discarded
+        pilot's and dropped ones do not count), with the pairing's objective."""
+        used = est.units_used > 0
+        c, units = np.nan_to_num(est.c_hat[used]), est.units_used[used]
+        if scores is None or not used.any():
+            return variance_objective(c, units) / max(used.sum(), 1)**2
+        return float(shared_variance_objective(c, units, scores[used][:, :units.min()])) / used.sum()**2
+
     def _stop_if_dropped(self, t: int, dropped: int, total: int) -> None:
         if dropped and dropped >= self.cfg.stop_dropped_fraction * total:
             raise TrainingStopped(
                 f"step {t}: {dropped} of {total} queries gave a NaN or inf loss (train.stop_dropped_fraction "
                 f"= {self.cfg.stop_dropped_fraction}); the loss or the data produce non-finite values")
 
-    def _record(self, t, features, usable, allocation, n_queries, est, msg, theta_hash, seconds) -> StepRecord:
-        used = est.units_used > 0
+    def _record(self, t, features, usable, allocation, n_queries, est, variance_proxy, msg, theta_hash,
+                seconds) -> StepRecord:
         lam = self.allocator.parameters()
         kept = allocation[usable] if usable.any() else allocation
         return StepRecord(
@@ -218,8 +239,7 @@ class Engine:
             dropped_queries=est.dropped_queries, dropped_examples=int((~usable).sum()),
             allocation_min=int(kept.min()), allocation_mean=float(kept.mean()), allocation_max=int(kept.max()),
             allocation_gini=gini(kept),
-            # the units the estimate averaged: a discarded pilot's and dropped ones do not count
-            variance_proxy=variance_objective(np.nan_to_num(est.c_hat[used]), est.units_used[used]) / max(used.sum(), 1)**2,
+            variance_proxy=variance_proxy,
             **{f"lambda_{k}": float(lam.get(k, np.nan)) for k in LAMBDA_NAMES},
             update_bytes=msg.nbytes, seconds=seconds, theta_hash=theta_hash)
 

@@ -20,7 +20,7 @@ class StepRecord:
     allocation_mean: float
     allocation_max: int
     allocation_gini: float
-    variance_proxy: float       # Σ ĉ_j / A_j / B'², A_j the units the estimate averaged
+    variance_proxy: float       # V̂(A)/B'²: Σ ĉ_j/A_j, plus the cross term under shared pairing (allocators.py)
     lambda_beta0: float         # NaN for allocators without λ; fixed (the mean's scale) for flops
     lambda_beta1: float
     lambda_s: float

@@ -24,7 +24,7 @@ CONFIGS = [dict(allocator="uniform"), dict(allocator="flops"), dict(allocator="n
            dict(allocator="bernoulli"), dict(allocator="flops", pairing="shared"),
            dict(allocator="neyman", neyman_pilot="discard"),
            dict(allocator="flops", estimator="antithetic", noise="gaussian", optimizer="adam"),
-           dict(allocator="neyman", estimator="antithetic", pairing="shared", optimizer="momentum")]
+           dict(allocator="bernoulli", estimator="antithetic", pairing="shared", optimizer="momentum")]
 
 
 @pytest.mark.parametrize("train", CONFIGS, ids=lambda c: "-".join(c.values()))
