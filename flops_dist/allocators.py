@@ -10,12 +10,14 @@ the allocator's `state`, a small dataclass (None for those that do not learn), l
 
 Allocators:
 - uniform:   A_j = N / B.
-- neyman:    A_min pilot units each, then A ∝ √ĉ_pilot: an adaptive oracle with no learning.
+- neyman:    A_min pilot units each, then A ∝ √ĉ_pilot: an adaptive oracle with no learning; the
+             pilot is reused in the estimate (biased) or only allocates (unbiased).
 - bernoulli: the heuristic of the FLOPS authors' code: a below-mean-loss example has its units
              halved with probability 1/2; the rest of the budget is spread over the others.
 - flops:     the learned Gaussian allocator: x ~ N(μ, K), μ_j = β0 + β1 Φ̃_j,
              K_ij = s² exp(−(1 − cos(e_i, e_j)) / (2γ²)), then A = project_to_budget(max(x, 0)).
-             λ = (β0, β1, s, γ) follows the likelihood-ratio gradient of E[J(A)], J(A) = Σ ĉ_j / A_j.
+             (β1, s, γ) follow the likelihood-ratio gradient of E[J(A)], J(A) = Σ ĉ_j / A_j, on the
+             continuous allocation; β0 stays fixed (the projection makes the scale of x irrelevant).
 """
 from __future__ import annotations
 
@@ -46,24 +48,50 @@ def variance_objective(c: np.ndarray, allocation: np.ndarray) -> float:
     return float(np.sum(np.asarray(c, np.float64) / allocation))
 
 
+def shared_variance_objective(c: np.ndarray, allocation: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """V(A) under shared pairing, for rows of allocation [..., B].
+
+    With shared noise, unit k of every example uses the same u_k, so ĝ = (1/B) Σ_k u_k u_kᵀ h_k with
+    h_k = Σ_{j: A_j > k} g_j / A_j, independent across k, each with Tr Cov = κ‖h_k‖². Summed over k,
+        B² Tr Cov ĝ = κ Σ_{i,j} g_iᵀg_j / max(A_i, A_j) = Σ_j c_j / A_j + κ Σ_{i≠j} g_iᵀg_j / max(A_i, A_j):
+    Σ c_j/A_j plus the covariance of the examples' estimates, which aligned gradients make positive.
+    `scores` z [B, m] (estimators.shared_unit_scores, over m units every example has; NaN counts as 0)
+    give E[z_ik z_jk] = κ g_iᵀg_j, so the cross term is estimated without bias by
+        (1/m) Σ_k (Σ_{i,j} z_ik z_jk / max(A_i, A_j) − Σ_j z_jk² / A_j),
+    and since 1/max(a, b) = ∫ 1[a ≤ t] 1[b ≤ t] dt/t², with A sorted ascending and P_r the prefix
+    sums of z in that order, Σ_{i,j} z_i z_j / max(A_i, A_j) = Σ_r P_r² (1/A_(r) − 1/A_(r+1)): O(B log B).
+    """
+    a = np.asarray(allocation, np.float64)
+    z = np.nan_to_num(np.asarray(scores, np.float64))
+    order = np.argsort(a, axis=-1, kind="stable")
+    inverse = 1.0 / np.take_along_axis(a, order, -1)
+    gaps = inverse - np.concatenate([inverse[..., 1:], np.zeros_like(inverse[..., :1])], -1)
+    prefix = np.cumsum(z[order], axis=-2)  # [..., B, m]
+    pairs = (prefix**2 * gaps[..., None]).sum((-2, -1))
+    own = ((z**2).sum(-1) / a).sum(-1)
+    return (np.asarray(c, np.float64) / a).sum(-1) + (pairs - own) / max(z.shape[1], 1)
+
+
 def water_fill(weights: np.ndarray, budget: float, a_min: float) -> np.ndarray:
     """The real allocation A_j = max(A_min, α w_j) with Σ_j A_j = budget; α is found by sorting.
-    With w = √c this is the continuous minimiser of V under the floor A_min."""
+    With w = √c this is the continuous minimiser of V under the floor A_min. Weights [..., B]:
+    each row (a candidate) is filled on its own."""
     w = np.nan_to_num(np.asarray(weights, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     w = np.maximum(w, 0.0)
-    batch = len(w)
+    batch = w.shape[-1]
     if budget < batch * a_min:
         raise ValueError(f"budget {budget} is below batch size × minimum = {batch} × {a_min}")
-    if w.sum() <= 0.0:
-        w = np.ones(batch)
-    ws = w[np.argsort(-w, kind="stable")]
+    w = np.where(w.sum(-1, keepdims=True) > 0.0, w, 1.0)
+    ws = -np.sort(-w, axis=-1)
     k = np.arange(1, batch + 1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        alpha = (budget - (batch - k) * a_min) / np.cumsum(ws)
+        alpha = (budget - (batch - k) * a_min) / np.cumsum(ws, axis=-1)
     # the largest prefix whose smallest member still sits above the floor
-    above = np.nonzero((ws > 0) & (alpha * ws >= a_min))[0]
-    real = np.maximum(float(a_min), (alpha[above[-1]] if len(above) else 0.0) * w)
-    return real * (budget / real.sum())  # absorb the float error of the water level
+    above = (ws > 0) & (alpha * ws >= a_min)
+    last = batch - 1 - np.argmax(above[..., ::-1], axis=-1)
+    level = np.where(above.any(-1), np.take_along_axis(alpha, last[..., None], -1)[..., 0], 0.0)
+    real = np.maximum(float(a_min), level[..., None] * w)
+    return real * (budget / real.sum(-1, keepdims=True))  # absorb the float error of the water level
 
 
 def project_to_budget(weights: np.ndarray, budget: int, a_min: int) -> np.ndarray:
@@ -109,6 +137,7 @@ def standardize(x: np.ndarray) -> np.ndarray:
 class UniformAllocator:
     name = "uniform"
     pilot_units = 0
+    reuses_pilot = True  # a pilot's units (neyman's) also count in the estimate
     state = None  # nothing is learned
 
     def allocate(self, features: BatchFeatures, budget: int, a_min: int, rng: np.random.Generator):
@@ -117,7 +146,7 @@ class UniformAllocator:
     def allocation(self, features: BatchFeatures, budget: int, a_min: int, rng: np.random.Generator):
         return project_to_budget(np.ones(len(features.losses)), budget, a_min)
 
-    def learn(self, ask, c_hat: np.ndarray) -> None:
+    def learn(self, ask, c_hat: np.ndarray, shared_scores: np.ndarray | None = None) -> None:
         """Nothing to learn."""
 
     def parameters(self) -> dict[str, float]:
@@ -130,18 +159,29 @@ class UniformAllocator:
 
 
 class NeymanAllocator(UniformAllocator):
-    """Pilot A_min units per example, then the whole allocation ∝ √ĉ_pilot. Large pilots attract
-    more units, so with a small pilot the resulting estimate is biased; bench/ reports how much."""
+    """Pilot p = A_min units per example, then units ∝ √ĉ_pilot; an adaptive oracle with no learning.
+
+    reuse: A = project_to_budget(√ĉ, N, p) and the pilot's units count in the estimate. A pilot with
+    a large |Δ| attracts more units, so its own term gets a smaller weight 1/A_j: E[ĝ] is shrunk
+    along g (biased).
+    discard: the pilot only allocates. A_j = p + A'_j, A' = project_to_budget(√ĉ, N − B·p, 1), and
+    the estimate uses the A'_j later units alone. Their seeds are new, so given the pilot A' is a
+    constant and each ĝ_j is unbiased; the price is the B·p pilot units the estimate does not use.
+    """
     name = "neyman"
 
-    def __init__(self, pilot_units: int):
+    def __init__(self, pilot_units: int, reuse_pilot: bool = True):
         self.pilot_units = pilot_units
+        self.reuses_pilot = reuse_pilot
 
     def allocation(self, features, budget, a_min, rng):
         if features.pilot_c_hat is None:
             raise ValueError("neyman allocation needs the pilot's variance estimates")
-        c = np.nan_to_num(features.pilot_c_hat, nan=0.0)
-        return project_to_budget(np.sqrt(np.maximum(c, 0.0)), budget, max(a_min, self.pilot_units))
+        root_c = np.sqrt(np.maximum(np.nan_to_num(features.pilot_c_hat, nan=0.0), 0.0))
+        if self.reuses_pilot:
+            return project_to_budget(root_c, budget, max(a_min, self.pilot_units))
+        # every example keeps ≥ 1 unit beyond the pilot, or its gradient would be missing from ĝ
+        return self.pilot_units + project_to_budget(root_c, budget - self.pilot_units * len(root_c), 1)
 
 
 class BernoulliAllocator(UniformAllocator):
@@ -155,7 +195,13 @@ class BernoulliAllocator(UniformAllocator):
 
 @dataclass(frozen=True)
 class LambdaState:
-    """λ = (β0, β1, log s, log γ) and the Adam moments learn() keeps for it."""
+    """λ = (β0, β1, log s, log γ) and the Adam moments learn() keeps for it.
+
+    β0 is held fixed: the projection scales x to the budget, so λ and (aβ0, aβ1, as, γ) give the
+    same allocation for any a > 0. Fixing β0 > 0 removes that direction, along which learning
+    drifted until β0 crossed zero and the allocation reversed; Σ_j μ_j = B·β0 then stays positive.
+    `adam_step` counts learn steps: the step-size decay reads it, so a resumed run decays the same.
+    """
     beta0: float
     beta1: float
     log_s: float
@@ -201,15 +247,20 @@ class GaussianAllocator:
     """
     name = "flops"
     pilot_units = 0
+    reuses_pilot = True  # it has no pilot: nothing to discard
 
     def __init__(self, beta0: float = 1.0, beta1: float = 1.0, scale: float = 0.3,
                  lengthscale: float = 0.5, learning_rate: float = 0.05, candidates: int = 16,
-                 features: int = 64, nugget: float = 0.05):
-        self.state = LambdaState(beta0, beta1, math.log(scale), math.log(lengthscale))
+                 features: int = 64, nugget: float = 0.05, min_scale: float = 0.05, decay_steps: float = 200.0):
+        if not beta0 > 0:
+            raise ValueError(f"beta0 is the fixed scale of the mean and must be positive, got {beta0}")
+        self.state = LambdaState(beta0, beta1, math.log(max(scale, min_scale * beta0)), math.log(lengthscale))
         self.learning_rate = learning_rate  # 0 freezes λ
         self.candidates = candidates
         self.n_features = features
         self.nugget = nugget
+        self.min_scale = min_scale  # floor of s/β0: below it every candidate is the same allocation
+        self.decay_steps = decay_steps
 
     def parameters(self) -> dict[str, float]:
         s = self.state
@@ -260,9 +311,17 @@ class GaussianAllocator:
             logdet = logdet + 2 * torch.log(torch.diagonal(chol)).sum()
         return -0.5 * (quad / s2_eta + logdet + batch * math.log(2 * math.pi))
 
-    def learn(self, ask: GaussianAsk, c_hat: np.ndarray) -> None:
-        """One likelihood-ratio step on λ: ∇E[J] ≈ (1/M) Σ_m (J_m − b_m) ∇ log p(x_m | λ), with the
-        leave-one-out baseline b_m, and advantages divided by mean J so the step is scale-free."""
+    def learn(self, ask: GaussianAsk, c_hat: np.ndarray, shared_scores: np.ndarray | None = None) -> None:
+        """One likelihood-ratio step on (β1, log s, log γ): ∇E[J] ≈ (1/M) Σ_m (J_m − b_m) ∇ log p(x_m | λ),
+        with the leave-one-out baseline b_m, and advantages divided by mean J so the step is scale-free.
+
+        J_m is V on the *continuous* allocation water_fill(x_m): rounded allocations of nearby
+        candidates coincide, which zeroes every advantage once s is small and stops learning for good.
+        Under shared pairing (`shared_scores` given) V is shared_variance_objective, not Σ ĉ_j / A_j.
+        The step size decays as η/√(1 + t/decay_steps) (Adam's step is about η whatever the
+        gradient's scale, so a constant η leaves λ jittering around the optimum), and s stays at or
+        above min_scale·β0.
+        """
         c = np.nan_to_num(np.asarray(c_hat, np.float64), nan=0.0)
         if self.learning_rate <= 0 or not np.any(c > 0):
             return
@@ -270,19 +329,24 @@ class GaussianAllocator:
         with torch.no_grad():
             z = random_features(ask.unit, ask.omega, ask.phase, raw[3])
             x = self._sample(raw[0] + raw[1] * ask.phi, z, raw[2], ask.rng, self.candidates)
-        j = np.array([variance_objective(c, project_to_budget(row, ask.budget, ask.a_min)) for row in x.numpy()])
+        candidates = water_fill(x.numpy(), ask.budget, ask.a_min)
+        j = (c / candidates).sum(1) if shared_scores is None else shared_variance_objective(c, candidates, shared_scores)
         baseline = (j.sum() - j) / (len(j) - 1)
         advantage = torch.from_numpy((j - baseline) / j.mean())
         optimizer = self._adam(raw)
         (advantage * self.log_prob(x, ask.phi, ask.unit, ask.omega, ask.phase, raw)).mean().backward()
+        raw.grad[0] = 0.0  # β0 is fixed (LambdaState); Adam moves a zero-gradient coordinate by exactly 0
         optimizer.step()
+        with torch.no_grad():
+            raw[2].clamp_(min=math.log(self.min_scale * self.state.beta0))
         moments = optimizer.state[raw]
         self.state = LambdaState(*raw.detach().tolist(), float(moments["step"]),
                                  tuple(moments["exp_avg"].tolist()), tuple(moments["exp_avg_sq"].tolist()))
 
     def _adam(self, raw: torch.Tensor) -> torch.optim.Adam:
-        """torch's Adam over λ, resumed from the moments in the state."""
-        optimizer = torch.optim.Adam([raw], lr=self.learning_rate)
+        """torch's Adam over λ, resumed from the moments in the state, at this step's decayed size."""
+        step_size = self.learning_rate / math.sqrt(1.0 + self.state.adam_step / self.decay_steps)
+        optimizer = torch.optim.Adam([raw], lr=step_size)
         if self.state.adam_step:
             optimizer.state[raw] = {"step": torch.tensor(self.state.adam_step, dtype=torch.float32),
                                     "exp_avg": torch.tensor(self.state.adam_m, dtype=torch.float64),
@@ -290,12 +354,12 @@ class GaussianAllocator:
         return optimizer
 
 
-def make_allocator(name: str, *, pilot_units: int = 1, learning_rate: float = 0.05,
+def make_allocator(name: str, *, pilot_units: int = 1, reuse_pilot: bool = True, learning_rate: float = 0.05,
                    **gaussian) -> UniformAllocator | GaussianAllocator:
     if name == "uniform":
         return UniformAllocator()
     if name == "neyman":
-        return NeymanAllocator(pilot_units)
+        return NeymanAllocator(pilot_units, reuse_pilot)
     if name == "bernoulli":
         return BernoulliAllocator()
     if name == "flops":

@@ -19,6 +19,7 @@ from .noise import KINDS as NOISE_KINDS
 from .update import OPTIMIZERS, OptimizerConfig
 
 PAIRINGS = ("independent", "shared")
+NEYMAN_PILOTS = ("reuse", "discard")
 
 
 class ConfigError(ValueError):
@@ -41,6 +42,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     allocator: str = "flops"         # uniform, neyman, bernoulli or flops
     allocator_learning_rate: float = 0.05  # step size for λ; 0 freezes λ at its initial value
+    neyman_pilot: str = "reuse"      # reuse: the pilot's queries count in the estimate (biased); discard: they only allocate
     seed: int = 0                    # run seed: data order, query seeds, allocator samples
     chunk_size: int = 16             # queries per evaluation chunk; fixed boundaries keep losses batch-invariant
     clean_chunk_size: int = 0        # examples per clean-forward chunk (0: chunk_size); with a frozen prefix,
@@ -123,6 +125,7 @@ class Config:
         _choice("train.pairing", t.pairing, PAIRINGS)
         _choice("train.optimizer", t.optimizer, OPTIMIZERS)
         _choice("train.allocator", t.allocator, ALLOCATORS)
+        _choice("train.neyman_pilot", t.neyman_pilot, NEYMAN_PILOTS)
         _choice("data.metric", self.data.metric, ("accuracy", "loss"))
         for name in ("steps", "batch_size", "queries_per_example", "min_queries", "chunk_size"):
             _at_least(f"train.{name}", getattr(t, name), 1)
@@ -149,11 +152,20 @@ class Config:
             raise ConfigError(f"train.queries_per_example: the budget N = B·A₀ = {t.batch_size}×"
                               f"{t.queries_per_example} is below the minimum B·A_min = {t.batch_size}×"
                               f"{t.min_queries}; raise queries_per_example or lower min_queries")
-        if t.allocator == "neyman" and t.queries_per_example == t.min_queries:
-            raise ConfigError("train.queries_per_example: neyman spends min_queries per example on a pilot "
-                              "and needs budget left after it")
+        self._validate_neyman()
         self._validate_cluster_and_output()
         return self
+
+    def _validate_neyman(self) -> None:
+        t = self.train
+        if t.allocator != "neyman":
+            return
+        if t.pairing == "shared":  # its estimates are correlated: allocators.shared_variance_objective
+            raise ConfigError("train.allocator / train.pairing: neyman's A ∝ √ĉ minimises the variance of "
+                              "independent noise only; with shared noise use allocator flops or uniform")
+        if t.queries_per_example == t.min_queries:
+            raise ConfigError("train.queries_per_example: neyman spends min_queries per example on a pilot "
+                              "and needs budget left after it")
 
     def _validate_cluster_and_output(self) -> None:
         c = self.cluster

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .allocators import BatchFeatures, make_allocator, project_to_budget, variance_objective
+from .allocators import (BatchFeatures, make_allocator, project_to_budget, shared_variance_objective,
+                         variance_objective)
 from .config import TrainConfig, require_batch_fits
-from .estimators import QueryLosses, estimate
+from .estimators import QueryLosses, estimate, shared_unit_scores
 from .record import LAMBDA_NAMES, StepRecord
 from .sharding import QueryChunks, assign_chunks, chunk_costs, chunk_examples, gather_rows, plan_queries
 from .update import UpdateMessage
@@ -138,7 +139,7 @@ class Engine:
         self._permutation = (-1, None)  # (epoch, its permutation)
         self.budget = cfg.batch_size * cfg.queries_per_example // cfg.unit
         self.a_min = cfg.min_queries // cfg.unit
-        self.allocator = make_allocator(cfg.allocator, pilot_units=self.a_min,
+        self.allocator = make_allocator(cfg.allocator, pilot_units=self.a_min, reuse_pilot=cfg.neyman_pilot == "reuse",
                                         learning_rate=cfg.allocator_learning_rate)
 
     def batch(self, t: int) -> np.ndarray:
@@ -167,25 +168,36 @@ class Engine:
         features = self._clean_forward(batch)
         usable = np.isfinite(features.losses) & np.isfinite(features.embeddings).all(axis=1)
         seed_base = int(np.random.default_rng([cfg.seed, t, 0]).integers(0, 2**61))
-        zeros = np.zeros(len(batch), np.int64)
+        allocation, ask, queries, spent = self._spend_queries(features, usable, seed_base, t)
+        est = self._estimate(queries, features)
+        self._stop_if_dropped(t, est.dropped_queries, len(queries.loss))
+        scores = self._shared_scores(queries, features)
+        if usable.any():
+            common = None if scores is None else scores[usable][:, :allocation[usable].min()]
+            self.allocator.learn(ask, est.c_hat[usable], common)
+        msg = UpdateMessage(t, cfg.learning_rate, est.seeds, est.coefficients)
+        self.executor.queue_update(msg)
+        theta_hash = self.check_replicas(t) if cfg.hash_every and (t + 1) % cfg.hash_every == 0 else ""
+        record = self._record(t, features, usable, allocation, spent, est, self._variance_proxy(est, scores), msg,
+                              theta_hash, time.perf_counter() - began)
+        return StepOutcome(record, msg, allocation)
+
+    def _spend_queries(self, features: BatchFeatures, usable: np.ndarray, seed_base: int, t: int):
+        """The allocation, its ask, the queries the estimate uses, and how many queries were spent:
+        a pilot round first where the allocator has one, its ĉ in `features`, then the rest."""
+        zeros = np.zeros(len(usable), np.int64)
         pilot = zeros + self.allocator.pilot_units
         rounds = [self._evaluate(zeros, pilot, seed_base)] if self.allocator.pilot_units else []
         if rounds:
             features.pilot_c_hat = self._estimate(rounds[0], features).c_hat
-        allocation, ask = self._allocate(features, usable, np.random.default_rng([cfg.seed, t, 1]))
+        allocation, ask = self._allocate(features, usable, np.random.default_rng([self.cfg.seed, t, 1]))
         rounds.append(self._evaluate(pilot, allocation, seed_base))
+        spent = sum(len(r.loss) for r in rounds)
+        if not self.allocator.reuses_pilot:
+            rounds = rounds[1:]  # the pilot chose the allocation; reusing it would bias ĝ
         queries = QueryLosses(*(np.concatenate([getattr(r, f) for r in rounds])
                                 for f in ("example", "seed", "sign", "loss")))
-        est = self._estimate(queries, features)
-        self._stop_if_dropped(t, est.dropped_queries, len(queries.loss))
-        if usable.any():
-            self.allocator.learn(ask, est.c_hat[usable] if not usable.all() else est.c_hat)
-        msg = UpdateMessage(t, cfg.learning_rate, est.seeds, est.coefficients)
-        self.executor.queue_update(msg)
-        theta_hash = self.check_replicas(t) if cfg.hash_every and (t + 1) % cfg.hash_every == 0 else ""
-        record = self._record(t, features, usable, allocation, len(queries.loss), est, msg, theta_hash,
-                              time.perf_counter() - began)
-        return StepOutcome(record, msg, allocation)
+        return allocation, ask, queries, spent
 
     def _clean_forward(self, batch: np.ndarray) -> BatchFeatures:
         """Every replica takes the batch's rows; clean losses Φ and embeddings e of its examples.
@@ -207,10 +219,30 @@ class Engine:
             return self.allocator.allocate(features, self.budget, self.a_min, rng)
         if not usable.any():
             return project_to_budget(np.ones(len(usable)), self.budget, self.a_min), None
-        allocation = np.full(len(usable), self.a_min, np.int64)
-        budget = self.budget - self.a_min * int((~usable).sum())
+        # an example kept from the allocator still gets a unit beyond a pilot that the estimate discards
+        fixed = self.a_min + (0 if self.allocator.reuses_pilot else 1)
+        allocation = np.full(len(usable), fixed, np.int64)
+        budget = self.budget - fixed * int((~usable).sum())
         allocation[usable], ask = self.allocator.allocate(features.subset(usable), budget, self.a_min, rng)
         return allocation, ask
+
+    def _shared_scores(self, queries: QueryLosses, features: BatchFeatures) -> np.ndarray | None:
+        """z_jk = √κ Δ_jk/σ by (example, unit) under shared pairing, whose products across examples
+        estimate their estimates' covariance; None for independent pairing, which has none."""
+        cfg = self.cfg
+        if cfg.pairing != "shared":
+            return None
+        return shared_unit_scores(queries, features.losses, cfg.estimator, cfg.sigma, self.d, cfg.noise)
+
+    @staticmethod
+    def _variance_proxy(est, scores: np.ndarray | None) -> float:
+        """V̂(A)/B'² over the B' examples in the estimate, A_j the units it averaged (a discarded
+        pilot's and dropped ones do not count), with the pairing's objective."""
+        used = est.units_used > 0
+        c, units = np.nan_to_num(est.c_hat[used]), est.units_used[used]
+        if scores is None or not used.any():
+            return variance_objective(c, units) / max(used.sum(), 1)**2
+        return float(shared_variance_objective(c, units, scores[used][:, :units.min()])) / used.sum()**2
 
     def _stop_if_dropped(self, t: int, dropped: int, total: int) -> None:
         if dropped and dropped >= self.cfg.stop_dropped_fraction * total:
@@ -218,8 +250,8 @@ class Engine:
                 f"step {t}: {dropped} of {total} queries gave a NaN or inf loss (train.stop_dropped_fraction "
                 f"= {self.cfg.stop_dropped_fraction}); the loss or the data produce non-finite values")
 
-    def _record(self, t, features, usable, allocation, n_queries, est, msg, theta_hash, seconds) -> StepRecord:
-        used = est.units_used > 0
+    def _record(self, t, features, usable, allocation, n_queries, est, variance_proxy, msg, theta_hash,
+                seconds) -> StepRecord:
         lam = self.allocator.parameters()
         kept = allocation[usable] if usable.any() else allocation
         return StepRecord(
@@ -228,7 +260,7 @@ class Engine:
             dropped_queries=est.dropped_queries, dropped_examples=int((~usable).sum()),
             allocation_min=int(kept.min()), allocation_mean=float(kept.mean()), allocation_max=int(kept.max()),
             allocation_gini=gini(kept),
-            variance_proxy=variance_objective(np.nan_to_num(est.c_hat[used]), allocation[used]) / max(used.sum(), 1)**2,
+            variance_proxy=variance_proxy,
             **{f"lambda_{k}": float(lam.get(k, np.nan)) for k in LAMBDA_NAMES},
             update_bytes=msg.nbytes, seconds=seconds, theta_hash=theta_hash)
 

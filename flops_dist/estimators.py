@@ -90,3 +90,21 @@ def estimate(q: QueryLosses, clean_loss: np.ndarray, estimator: str, sigma: floa
     c_hat[units_used == 0] = np.nan
     keep = coefficients != 0.0
     return Estimate(seeds[order][keep], coefficients[keep], c_hat, units_used, dropped)
+
+
+def shared_unit_scores(q: QueryLosses, clean_loss: np.ndarray, estimator: str, sigma: float, d: int,
+                       noise_kind: str) -> np.ndarray:
+    """Under shared pairing, z [B, S]: z_jk = √κ Δ_jk / σ for example j's unit with the k-th of the
+    step's S seeds in increasing order (unit k of every example uses seed s_k), NaN where example j
+    has no finite unit with that seed.
+
+    Δ_jk ≈ σ g_jᵀu_k with u_k common to all examples, so E[z_ik z_jk] = κ g_iᵀg_j: mean_k z_jk² is
+    ĉ_j, and a product across examples estimates the covariance of their estimates, which
+    allocators.shared_variance_objective needs.
+    """
+    with np.errstate(invalid="ignore", over="ignore"):
+        example, seed, delta, _ = _unit_differences(q, np.asarray(clean_loss, np.float64), estimator)
+    seeds, column = np.unique(seed, return_inverse=True)
+    z = np.full((len(clean_loss), len(seeds)), np.nan)
+    z[example, column] = np.sqrt(variance_scale(d, noise_kind)) * delta / sigma
+    return z

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-LAMBDA_NAMES = ("beta0", "beta1", "s", "gamma")  # the flops allocator's λ, as reported
+# the flops allocator's λ, as reported. β0 is fixed (LambdaState says why), so lambda_beta0 is a
+# constant column: kept, so the run log's schema and the code that reads it stay as they were.
+LAMBDA_NAMES = ("beta0", "beta1", "s", "gamma")
 
 
 @dataclass(frozen=True)
@@ -18,8 +20,8 @@ class StepRecord:
     allocation_mean: float
     allocation_max: int
     allocation_gini: float
-    variance_proxy: float       # Σ ĉ_j / A_j / B'²
-    lambda_beta0: float         # NaN for allocators without λ
+    variance_proxy: float       # V̂(A)/B'²: Σ ĉ_j/A_j, plus the cross term under shared pairing (allocators.py)
+    lambda_beta0: float         # NaN for allocators without λ; fixed (the mean's scale) for flops
     lambda_beta1: float
     lambda_s: float
     lambda_gamma: float

@@ -18,6 +18,8 @@ from models import FrozenNetLoss, blobs, build_mlp, build_projection, cross_entr
     ({"train": {"queries_per_example": 2, "min_queries": 4}}, "below the minimum B·A_min"),
     ({"train": {"estimator": "antithetic", "queries_per_example": 5}}, "must be even"),
     ({"train": {"allocator": "neyman", "queries_per_example": 2, "min_queries": 2}}, "neyman spends"),
+    ({"train": {"allocator": "neyman", "pairing": "shared"}}, "train.allocator / train.pairing: neyman's"),
+    ({"train": {"neyman_pilot": "reweight"}}, "train.neyman_pilot: unknown value 'reweight'; choose one of reuse"),
     ({"train": {"sigma": -1.0}}, "train.sigma: must be positive"),
     ({"train": {"batch_size": "32"}}, "train.batch_size: expected int, got str"),
     ({"train": {"stepz": 3}}, "train.stepz: unknown field"),
