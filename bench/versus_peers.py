@@ -122,13 +122,15 @@ def wait_for_idle_cluster(timeout=60.0):
     deadline = time.monotonic() + timeout
     while ray.available_resources().get("CPU", 0) < CPUS:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"Ray still has actors holding CPUs after {timeout:.0f} s: {ray.available_resources()}")
+            raise RuntimeError(f"Ray still has actors holding CPUs after {timeout:.0f} s: "
+                               f"{ray.available_resources()}")
         time.sleep(0.2)
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=600, help="flops_dist steps; EvoTorch gets the same example-forwards")
+    parser.add_argument("--steps", type=int, default=600,
+                        help="flops_dist steps; EvoTorch gets the same example-forwards")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--popsize", type=int, default=128)
     parser.add_argument("--stdev", type=float, default=0.2, help="PGPE's initial search stdev")
