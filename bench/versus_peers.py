@@ -7,8 +7,8 @@ An example-forward is one example's forward at one perturbation. flops_dist: one
 forwards are not counted). EvoTorch: one solution evaluated on a 32-example batch counts 32.
 
 Both sides share one local Ray with 2 CPUs, take 2 actors of one CPU and one torch thread each, and
-spend the same number of example-forwards per round (the digits job's 600 steps × 256 queries), so
-their held-out accuracies compare learning at an equal budget. Rounds alternate EvoTorch, flops_dist,
+spend the same number of example-forwards per round (steps × batch × queries per example: the
+digits job's 600 × 32 × 32), so their held-out accuracies compare learning at an equal budget. Rounds alternate EvoTorch, flops_dist,
 EvoTorch, …; round r is seed r on both sides; each side's rate is the median over rounds.
 
 - EvoTorch: a `Problem` whose fitness is the whole ViT's mean cross-entropy on one 32-example batch
