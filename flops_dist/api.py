@@ -73,8 +73,8 @@ def preflight(model: nn.Module, loss_fn, sample: ArrayDataset, cfg: Config) -> N
     except Exception as e:
         raise TrainingError(f"model.loss: the frozen model failed to load: {type(e).__name__}: {e}",
                             traceback.format_exc()) from None
-    try:
-        spec = ReplicaSpec.from_config(cfg, threads=torch.get_num_threads(), device="cpu")
+    try:  # the prefix is looked for below, once the model is known to run on the data
+        spec = ReplicaSpec.from_config(cfg, threads=torch.get_num_threads(), device="cpu", frozen_prefix="off")
         replica = Replica(copy.deepcopy(model).cpu(), loss_fn, sample, spec)
     except ValueError as e:
         raise ConfigError(f"target: {e}") from None
@@ -88,16 +88,26 @@ def preflight(model: nn.Module, loss_fn, sample: ArrayDataset, cfg: Config) -> N
             shape = list(losses.shape) if torch.is_tensor(losses) else type(losses).__name__
             raise TrainingError(f"the loss function must return one loss per example (shape [{len(sample)}]), "
                                 f"got {shape}; check its reduction")
+        _find_prefix(replica, cfg.target.frozen_prefix)
         rows, _ = chunk_examples(np.arange(len(sample)), t.chunk_size)
         replica.clean_forward(sample, rows)
         plan = plan_queries(np.zeros(len(sample), np.int64), np.ones(len(sample), np.int64), 1, t.unit,
                             t.pairing == "shared", t.chunk_size)
         replica.evaluate(plan.chunks.take(np.arange(1)))
-    except TrainingError:
+    except (TrainingError, ConfigError):
         raise
     except Exception as e:
         raise TrainingError(f"the model or loss failed on a first batch of {len(sample)} examples: "
                             f"{type(e).__name__}: {e}", traceback.format_exc()) from None
+
+
+def _find_prefix(replica, boundary: str) -> None:
+    try:
+        replica.forward.find_prefix(replica.theta, replica.inputs[:16], boundary)
+    except ValueError as e:
+        if "frozen_prefix" in str(e):
+            raise ConfigError(str(e)) from None
+        raise
 
 
 def start_ray(cfg: Config) -> None:

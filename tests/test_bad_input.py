@@ -164,3 +164,10 @@ def test_integer_inputs_stay_integers(tmp_path):
                       "label": [0, 1]})
     loaded = load_dataset(write(tmp_path, table), "tokens", "label")
     assert loaded.inputs.dtype == np.int64 and loaded.inputs[0].tolist() == [101, 2023, 102, 0]
+
+
+def test_a_frozen_prefix_boundary_that_is_not_a_module_is_a_config_error():
+    cfg = Config().validate()
+    cfg.target.frozen_prefix = "neck"
+    with pytest.raises(ConfigError, match="target.frozen_prefix 'neck' is not a submodule"):
+        preflight(build_mlp(), cross_entropy, as_dataset(blobs(), cfg, "train"), cfg)
