@@ -44,3 +44,11 @@ def tweets(tmp_path_factory):
 def alignment(tmp_path_factory):
     """The alignment example with its frozen image encoder's features."""
     return _prepare(tmp_path_factory, "digits_alignment", "--no-reference")
+
+
+@pytest.fixture(scope="session")
+def minilm_job(tmp_path_factory):
+    """The MiniLM fine-tuning example with a tiny subset: 32 train, 8 validation, 32 test tweets of
+    16 tokens."""
+    return _prepare(tmp_path_factory, "minilm_finetune", "--train", "32", "--validation", "8", "--test", "32",
+                    "--max-tokens", "16")

