@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .noise import accumulate
+from .noise import accumulate, blocks
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 
@@ -57,8 +57,24 @@ def init_optimizer_state(cfg: OptimizerConfig, d: int, device="cpu") -> dict[str
 
 def apply_update(theta: torch.Tensor, state: dict[str, torch.Tensor], msg: UpdateMessage,
                  cfg: OptimizerConfig, noise_kind: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """θ_{t+1} from θ_t and U_t; returns new tensors and leaves the inputs untouched."""
-    grad = reconstruct_gradient(msg, theta.numel(), noise_kind, theta.device)
+    """θ_{t+1} from θ_t and U_t; returns new tensors and leaves the inputs untouched. Every optimizer
+    here is elementwise, so the step runs a block of θ at a time (its gradient rebuilt for that
+    block alone): beside θ and the result, memory is one block, and the bits are the whole vector's."""
+    if cfg.kind not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg.kind!r}; choose one of {', '.join(OPTIMIZERS)}")
+    coefficients = torch.tensor(msg.coefficients, dtype=torch.float32).tolist()
+    new_theta = torch.empty_like(theta)
+    new_state = {k: torch.empty_like(v) for k, v in state.items()}
+    for start, stop in blocks(theta.numel())[0]:
+        grad = accumulate(torch.zeros(stop - start, device=theta.device), msg.seeds, coefficients, noise_kind, start)
+        part = {k: v[start:stop] for k, v in state.items()}
+        new_theta[start:stop], part = _step(theta[start:stop], part, grad, msg, cfg)
+        for k, v in part.items():
+            new_state[k][start:stop] = v
+    return new_theta, new_state
+
+
+def _step(theta, state, grad, msg: UpdateMessage, cfg: OptimizerConfig):
     if cfg.weight_decay:
         grad = grad + cfg.weight_decay * theta
     lr = msg.learning_rate
@@ -67,14 +83,12 @@ def apply_update(theta: torch.Tensor, state: dict[str, torch.Tensor], msg: Updat
     if cfg.kind == "momentum":
         velocity = cfg.momentum * state["velocity"] + grad
         return theta - lr * velocity, {"velocity": velocity}
-    if cfg.kind == "adam":
-        t = msg.step + 1
-        m = cfg.beta1 * state["m"] + (1 - cfg.beta1) * grad
-        v = cfg.beta2 * state["v"] + (1 - cfg.beta2) * grad * grad
-        m_hat = m / (1 - cfg.beta1**t)
-        v_hat = v / (1 - cfg.beta2**t)
-        return theta - lr * m_hat / (torch.sqrt(v_hat) + cfg.eps), {"m": m, "v": v}
-    raise ValueError(f"unknown optimizer {cfg.kind!r}; choose one of {', '.join(OPTIMIZERS)}")
+    t = msg.step + 1
+    m = cfg.beta1 * state["m"] + (1 - cfg.beta1) * grad
+    v = cfg.beta2 * state["v"] + (1 - cfg.beta2) * grad * grad
+    m_hat = m / (1 - cfg.beta1**t)
+    v_hat = v / (1 - cfg.beta2**t)
+    return theta - lr * m_hat / (torch.sqrt(v_hat) + cfg.eps), {"m": m, "v": v}
 
 
 def parameter_hash(theta: torch.Tensor, state: dict[str, torch.Tensor]) -> str:

@@ -144,3 +144,27 @@ def test_half_precision_weights_train_on_an_fp32_master(dtype):
     moved = one[0].theta != start
     recast = one[0].theta.to(dtype).float() != start
     assert moved.sum() > recast.sum()
+
+
+@pytest.mark.parametrize("kind", ["sgd", "momentum", "adam"])
+def test_the_blockwise_optimizer_step_equals_the_whole_vector_formulas(kind):
+    from flops_dist.update import OptimizerConfig, UpdateMessage, apply_update, init_optimizer_state, reconstruct_gradient
+    d, rng = 2 * BLOCK + 777, np.random.default_rng(0)
+    theta = torch.tensor(rng.normal(size=d).astype(np.float32))
+    msg = UpdateMessage(3, 0.05, np.array([7, 8, 9]), np.array([0.3, -1.2, 2.5]))
+    cfg = OptimizerConfig(kind=kind, weight_decay=0.01)
+    state = {k: torch.tensor(rng.normal(size=d).astype(np.float32)).abs() for k in init_optimizer_state(cfg, 1)}
+    blockwise, new_state = apply_update(theta, state, msg, cfg, "gaussian")
+    grad, lr = reconstruct_gradient(msg, d, "gaussian") + cfg.weight_decay * theta, msg.learning_rate
+    if kind == "sgd":
+        whole, whole_state = theta - lr * grad, {}
+    elif kind == "momentum":
+        velocity = cfg.momentum * state["velocity"] + grad
+        whole, whole_state = theta - lr * velocity, {"velocity": velocity}
+    else:
+        m = cfg.beta1 * state["m"] + (1 - cfg.beta1) * grad
+        v = cfg.beta2 * state["v"] + (1 - cfg.beta2) * grad * grad
+        whole = theta - lr * (m / (1 - cfg.beta1**4)) / (torch.sqrt(v / (1 - cfg.beta2**4)) + cfg.eps)
+        whole_state = {"m": m, "v": v}
+    assert torch.equal(blockwise, whole)
+    assert new_state.keys() == whole_state.keys() and all(torch.equal(new_state[k], whole_state[k]) for k in whole_state)
