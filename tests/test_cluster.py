@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -28,15 +29,27 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_head():
+    """A head of its own: `ray start --block` in a new session, stopped by signalling that session
+    alone (`ray stop` would stop every Ray on the machine, other tests' and users' too)."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     dashboard = free_port()
-    subprocess.run([RAY, "start", "--head", f"--port={free_port()}", f"--dashboard-port={dashboard}",
-                    "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", "--disable-usage-stats"],
-                   check=True, capture_output=True, env=env, timeout=180)
+    head = subprocess.Popen([RAY, "start", "--head", f"--port={free_port()}", f"--dashboard-port={dashboard}",
+                             "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
+                             "--disable-usage-stats", "--block"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
     try:
-        yield f"http://127.0.0.1:{dashboard}"
+        deadline = time.monotonic() + 180
+        while ray_job("list", "--address", address).returncode != 0:
+            assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not start"
+            time.sleep(2)
+        yield address
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
 
 
 def ray_job(*args):
