@@ -1,6 +1,6 @@
 """Worker memory against inference and backprop, from the digits head up to every MiniLM weight.
 
-    python bench/memory.py [--steps 3] [--smoke]
+    python bench/memory.py [--steps 3] [--smoke] [--only NAME]
 
 For each target, three fresh Ray actors of the same kind (so each has its own high-water mark and
 the same runtime overhead) report their peak memory (VmHWM on the CPU; max_memory_allocated on
@@ -100,8 +100,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="one step, the digits targets only")
+    ap.add_argument("--only", default="", help="the targets whose name contains this, e.g. MiniLM")
     args = ap.parse_args()
-    cases = CASES[:2] if args.smoke else CASES
+    cases = [c for c in (CASES[:2] if args.smoke else CASES) if args.only in c[0]]
     steps = 1 if args.smoke else args.steps
     out = fresh_dir("memory")
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")

@@ -67,6 +67,8 @@ class FrozenPrefix:
         boundary). `run_clean`/`run_perturbed`: a forward on `rows` examples at θ and at a far-off θ."""
         events, clean = _watch(model, run_clean)
         names = [n for n in _candidates(model, events, owners) if _batch_first(clean[n], rows)]
+        if not names:  # nothing runs before the target: no far-off θ to make (a d-sized copy)
+            return None
         _, moved = _watch(model, run_perturbed)
         names = [n for n in names if n in moved and _same(clean[n], moved[n])]
         outermost = [n for n in names if not any(n.startswith(p + ".") for p in names)]

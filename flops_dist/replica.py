@@ -17,7 +17,7 @@ from .data import ArrayDataset
 from .losses import as_loss
 from .sharding import QueryChunks, chunk_examples
 from .targets import PerturbedForward, Target
-from .update import OptimizerConfig, UpdateMessage, apply_update, init_optimizer_state, parameter_hash
+from .update import OptimizerConfig, UpdateMessage, all_finite, apply_update, init_optimizer_state, parameter_hash
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,20 @@ class Replica:
 
     def _tensors(self, data: ArrayDataset) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.tensor(data.inputs, device=self.device), torch.tensor(data.labels, device=self.device)
+
+    @property
+    def theta(self) -> torch.Tensor:
+        return self._theta
+
+    @theta.setter
+    def theta(self, value: torch.Tensor) -> None:
+        """Set θ, and make the model's float32 target parameters views of it: forwards take θ through
+        functional_call and never read them, so a copy of their own would only double the memory."""
+        self._theta = value
+        params = dict(self.model.named_parameters())
+        for name, view in self.target.unflatten(value).items():
+            if params[name].dtype == view.dtype:
+                params[name].data = view
 
     @property
     def d(self) -> int:
@@ -147,7 +161,7 @@ class Replica:
         if msg.step > self.updates_applied:
             raise RuntimeError(f"update for step {msg.step} reached a replica at step {self.updates_applied}")
         theta, opt_state = apply_update(self.theta, self.opt_state, msg, self.spec.optimizer, self.spec.noise)
-        if not (torch.isfinite(theta).all() and all(torch.isfinite(v).all() for v in opt_state.values())):
+        if not all_finite(theta, *opt_state.values()):
             largest = float(np.abs(msg.coefficients).max()) if len(msg.coefficients) else 0.0
             raise NonFiniteUpdate(
                 f"step {msg.step}: the update would make θ or the optimizer state non-finite (learning rate "

@@ -50,7 +50,7 @@ class Target:
 
     def flatten(self, model: nn.Module) -> torch.Tensor:
         params = dict(model.named_parameters())
-        return torch.cat([params[n].detach().reshape(-1).to(torch.float32) for n in self.names]).clone()
+        return torch.cat([params[n].detach().reshape(-1).to(torch.float32) for n in self.names])  # a new tensor: cat copies
 
     def owners(self) -> set[str]:
         """The modules that hold a target parameter directly."""
@@ -125,9 +125,9 @@ class PerturbedForward:
         if boundary != "auto" and boundary not in dict(self.model.named_modules()):
             raise ValueError(f"target.frozen_prefix {boundary!r} is not a submodule of the model")
         owners = self.target.owners() if boundary == "auto" else {boundary}
-        far = {k: v[0] for k, v in self.target.perturbed(theta, [0x5EED], 0.5, self.noise_kind).items()}
+        far = lambda: {k: v[0] for k, v in self.target.perturbed(theta, [0x5EED], 0.5, self.noise_kind).items()}
         self.prefix = FrozenPrefix.find(self.model, owners, lambda: self._call(self.target.unflatten(theta), inputs),
-                                        lambda: self._call(far, inputs), len(inputs))
+                                        lambda: self._call(far(), inputs), len(inputs))
 
     def _call(self, params: dict[str, torch.Tensor], inputs):
         # only the target is swapped in: the rest of the module is its own, frozen parameters

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .noise import accumulate, blocks
+from .noise import BLOCK, accumulate, blocks
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 
@@ -72,6 +72,12 @@ def apply_update(theta: torch.Tensor, state: dict[str, torch.Tensor], msg: Updat
         for k, v in part.items():
             new_state[k][start:stop] = v
     return new_theta, new_state
+
+
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """Whether every element is finite, a block at a time: torch.isfinite on a whole large vector
+    makes temporaries several times its size."""
+    return all(bool(torch.isfinite(part).all()) for t in tensors for part in t.reshape(-1).split(BLOCK))
 
 
 def _step(theta, state, grad, msg: UpdateMessage, cfg: OptimizerConfig):

@@ -168,3 +168,23 @@ def test_the_blockwise_optimizer_step_equals_the_whole_vector_formulas(kind):
         whole_state = {"m": m, "v": v}
     assert torch.equal(blockwise, whole)
     assert new_state.keys() == whole_state.keys() and all(torch.equal(new_state[k], whole_state[k]) for k in whole_state)
+
+
+def test_the_models_own_target_weights_are_views_of_theta_after_every_update():
+    # the module's copy is never read (forwards take θ), so it shares θ's memory instead of doubling it
+    reps = tower_run("off", steps=2)
+    rep = reps[0]
+    storage = rep.theta.untyped_storage().data_ptr()
+    head = dict(rep.model.named_parameters())
+    for name, value in rep.target.unflatten(rep.theta).items():
+        assert head[name].untyped_storage().data_ptr() == storage and torch.equal(head[name], value)
+
+
+def test_all_finite_finds_one_non_finite_element_in_any_block():
+    from flops_dist.update import all_finite
+    x = torch.zeros(2 * BLOCK + 5)
+    assert all_finite(x, torch.zeros(3))
+    for where, value in [(0, float("nan")), (BLOCK + 1, float("inf")), (2 * BLOCK + 4, -float("inf"))]:
+        y = x.clone()
+        y[where] = value
+        assert not all_finite(torch.zeros(3), y)
