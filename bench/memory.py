@@ -51,6 +51,7 @@ def job_config(example: str, toml: str, include, steps: int, run_dir) -> Config:
     raw["train"].update(steps=steps)
     raw["cluster"] = {**raw.get("cluster", {}), "workers": 1, "min_workers": 1}
     raw["output"] = {"run_dir": str(run_dir), "log_every": 10**6, "snapshot_every": 10**6}
+    raw["metrics"] = {"port": -1}  # no port that a run beside this one could hold
     return Config.from_dict(raw, EXAMPLES / example)
 
 

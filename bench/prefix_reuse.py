@@ -30,7 +30,7 @@ WARMUP = 5
 def run(steps: int, mode: str, run_dir) -> tuple[float, str]:
     """(queries per second after warm-up, the final model's θ hash)."""
     cfg = digits_config(train__steps=steps, target__frozen_prefix=mode,
-                        output__run_dir=str(run_dir), output__log_every=10**6)
+                        output__run_dir=str(run_dir), output__log_every=10**6, metrics__port=-1)
     cfg.data.test = ""
     result = flops_dist.train(build_model(cfg), load_callable(cfg.model.loss, "model.loss"), cfg.data.train, cfg,
                               progress=lambda line: None)
