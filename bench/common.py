@@ -17,7 +17,6 @@ from flops_dist.config import Config
 from flops_dist.data import ArrayDataset, load_dataset
 from flops_dist.engine import Engine, LocalExecutor
 from flops_dist.replica import Replica, ReplicaSpec
-from flops_dist.update import reconstruct_gradient
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -146,7 +145,7 @@ def gradient_errors(train_cfg, replica, data, batches, reps, allocator_state=Non
         est = []
         for r in range(reps):
             engine.step(b * reps + r, batch=batch)
-            est.append(reconstruct_gradient(executor.message, replica.d, train_cfg.noise).double())
+            est.append(replica.gradient(executor.message).double())  # Σ c_s u(seed_s), or output space's
         est = torch.stack(est)
         mse = ((est - g) ** 2).sum(1).mean().item()
         var = ((est - est.mean(0)) ** 2).sum().item() / (reps - 1)

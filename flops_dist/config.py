@@ -20,6 +20,8 @@ from .update import OPTIMIZERS, OptimizerConfig
 
 PAIRINGS = ("independent", "shared")
 NEYMAN_PILOTS = ("reuse", "discard")
+NOISE_SPACES = ("weights", "outputs")
+LAYER_SIGMAS = ("rms", "one")
 
 
 class ConfigError(ValueError):
@@ -36,6 +38,9 @@ class TrainConfig:
     noise: str = "rademacher"        # rademacher (bit-exact on any device) or gaussian
     pairing: str = "independent"     # independent: a seed per query; shared: query k of all examples shares seed k
     sigma: float = 1e-2              # perturbation scale σ
+    noise_space: str = "weights"     # weights: θ + σu; outputs: noise on the outputs of the target's nn.Linear
+                                     # layers (the FLOPS paper's estimator; flops_dist/outputs.py)
+    layer_sigma: str = "rms"         # outputs only: layer l's noise is σ·RMS of its clean output ("rms") or σ ("one")
     learning_rate: float = 1e-2
     optimizer: str = "sgd"           # sgd, momentum or adam; applied identically on every replica
     momentum: float = 0.9
@@ -126,6 +131,8 @@ class Config:
         _choice("train.optimizer", t.optimizer, OPTIMIZERS)
         _choice("train.allocator", t.allocator, ALLOCATORS)
         _choice("train.neyman_pilot", t.neyman_pilot, NEYMAN_PILOTS)
+        _choice("train.noise_space", t.noise_space, NOISE_SPACES)
+        _choice("train.layer_sigma", t.layer_sigma, LAYER_SIGMAS)
         _choice("data.metric", self.data.metric, ("accuracy", "loss"))
         for name in ("steps", "batch_size", "queries_per_example", "min_queries", "chunk_size"):
             _at_least(f"train.{name}", getattr(t, name), 1)
@@ -153,6 +160,7 @@ class Config:
                               f"{t.queries_per_example} is below the minimum B·A_min = {t.batch_size}×"
                               f"{t.min_queries}; raise queries_per_example or lower min_queries")
         self._validate_neyman()
+        self._validate_output_space()
         self._validate_cluster_and_output()
         return self
 
@@ -166,6 +174,17 @@ class Config:
         if t.queries_per_example == t.min_queries:
             raise ConfigError("train.queries_per_example: neyman spends min_queries per example on a pilot "
                               "and needs budget left after it")
+
+    def _validate_output_space(self) -> None:
+        t = self.train
+        if t.noise_space != "outputs":
+            return
+        if t.pairing == "shared":  # a shared seed's coefficient mixes examples whose inputs x differ
+            raise ConfigError("train.noise_space / train.pairing: output-space noise rebuilds each seed's "
+                              "gradient from its own example's layer inputs, so it needs independent pairing")
+        if t.batch_size * t.queries_per_example >= 1 << 20:
+            raise ConfigError("train.batch_size / train.queries_per_example: output-space seeds name their "
+                              "example and unit in 20 bits each, so the budget B·A₀ must stay below 2**20")
 
     def _validate_cluster_and_output(self) -> None:
         c = self.cluster

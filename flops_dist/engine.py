@@ -20,7 +20,8 @@ from .allocators import (BatchFeatures, make_allocator, project_to_budget, share
 from .config import TrainConfig, require_batch_fits
 from .estimators import QueryLosses, estimate, shared_unit_scores
 from .record import LAMBDA_NAMES, StepRecord
-from .sharding import QueryChunks, assign_chunks, chunk_costs, chunk_examples, gather_rows, plan_queries
+from .sharding import (QueryChunks, assign_chunks, chunk_costs, chunk_examples, gather_rows, plan_queries,
+                       seed_base_naming_examples)
 from .update import UpdateMessage
 
 
@@ -51,19 +52,19 @@ class Executor(abc.ABC):
     prefix_reuse = False
     clean_owner = (1, np.zeros(0, np.int64))  # (rows per clean chunk, the replica that ran each)
 
-    def clean_forward(self, rows: np.ndarray, batch) -> tuple[np.ndarray, np.ndarray]:
-        """Every replica takes the step's batch (an ArrayDataset); losses [n, C] and embeddings
-        [n, C, m] at θ for chunks of positions in it."""
-        losses = np.empty(rows.shape, np.float32)
+    def clean_forward(self, rows: np.ndarray, batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every replica takes the step's batch (an ArrayDataset); losses [n, C], embeddings
+        [n, C, m] and the variance scales κ [n, C] at θ for chunks of positions in it."""
+        losses, kappa = np.empty(rows.shape, np.float32), np.empty(rows.shape)
         parts = {}
 
         def store(items, value):
-            losses[items], parts[tuple(items)] = value
+            losses[items], parts[tuple(items)], kappa[items] = value
 
         owner = self._scatter("clean_forward", np.full(len(rows), float(rows.shape[1])),
                               lambda items: (batch, rows[items]), store, everyone=True)
         self.clean_owner = (rows.shape[1], owner)
-        return losses, gather_rows(len(rows), parts)
+        return losses, gather_rows(len(rows), parts), kappa
 
     def evaluate(self, chunks: QueryChunks) -> np.ndarray:
         """Losses [n, C] of the perturbed queries."""
@@ -168,6 +169,8 @@ class Engine:
         features = self._clean_forward(batch)
         usable = np.isfinite(features.losses) & np.isfinite(features.embeddings).all(axis=1)
         seed_base = int(np.random.default_rng([cfg.seed, t, 0]).integers(0, 2**61))
+        if cfg.noise_space == "outputs":  # each replica finds a seed's example from the seed alone
+            seed_base = seed_base_naming_examples(seed_base)
         allocation, ask, queries, spent = self._spend_queries(features, usable, seed_base, t)
         est = self._estimate(queries, features)
         self._stop_if_dropped(t, est.dropped_queries, len(queries.loss))
@@ -204,13 +207,16 @@ class Engine:
         A chunk never holds more rows than the batch: padding would be wasted forwards."""
         size = self.cfg.clean_chunk_size or self.cfg.chunk_size
         rows, _ = chunk_examples(np.arange(len(batch)), min(size, len(batch)))
-        clean_rows, emb_rows = self.executor.clean_forward(rows, self.data.rows(batch))
+        clean_rows, emb_rows, kappa = self.executor.clean_forward(rows, self.data.rows(batch))
+        self.kappa = kappa.reshape(-1)[:len(batch)]
         return BatchFeatures(clean_rows.reshape(-1)[:len(batch)].astype(np.float64),
                              emb_rows.reshape(-1, emb_rows.shape[-1])[:len(batch)])
 
     def _estimate(self, queries: QueryLosses, features: BatchFeatures):
         cfg = self.cfg
-        return estimate(queries, features.losses, cfg.estimator, cfg.sigma, self.d, cfg.noise)
+        # κ_j depends on the example in output space (outputs.py), on d alone in weight space
+        kappa = self.kappa if cfg.noise_space == "outputs" else None
+        return estimate(queries, features.losses, cfg.estimator, cfg.sigma, self.d, cfg.noise, kappa)
 
     def _allocate(self, features: BatchFeatures, usable: np.ndarray, rng):
         """A_j ≥ A_min with Σ A_j = N. An example with a non-finite clean loss or embedding gets

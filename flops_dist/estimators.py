@@ -67,8 +67,9 @@ def _unit_differences(q: QueryLosses, clean_loss: np.ndarray, estimator: str):
 
 
 def estimate(q: QueryLosses, clean_loss: np.ndarray, estimator: str, sigma: float, d: int,
-             noise_kind: str) -> Estimate:
-    """Coefficients of ĝ = Σ_s c_s u(seed_s) and the per-example ĉ_j (module docstring)."""
+             noise_kind: str, kappa: np.ndarray | None = None) -> Estimate:
+    """Coefficients of ĝ = Σ_s c_s u(seed_s) and the per-example ĉ_j (module docstring). `kappa`:
+    κ_j per example where it depends on the example (output-space noise, outputs.py), else κ(d)."""
     batch = len(clean_loss)
     with np.errstate(invalid="ignore", over="ignore"):  # inf − inf is a dropped query, counted below, not news
         example, seed, delta, dropped = _unit_differences(q, np.asarray(clean_loss, np.float64), estimator)
@@ -86,7 +87,8 @@ def estimate(q: QueryLosses, clean_loss: np.ndarray, estimator: str, sigma: floa
     coefficients = np.bincount(rank[inverse], weights=per_unit, minlength=len(seeds))
     sq = np.bincount(example[finite], weights=delta[finite] ** 2, minlength=batch)
     with np.errstate(invalid="ignore", divide="ignore"):
-        c_hat = variance_scale(d, noise_kind) * sq / (units_used * sigma**2)
+        scale = variance_scale(d, noise_kind) if kappa is None else np.asarray(kappa, np.float64)
+        c_hat = scale * sq / (units_used * sigma**2)
     c_hat[units_used == 0] = np.nan
     keep = coefficients != 0.0
     return Estimate(seeds[order][keep], coefficients[keep], c_hat, units_used, dropped)

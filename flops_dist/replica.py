@@ -14,10 +14,13 @@ import torch
 from torch import nn
 
 from .data import ArrayDataset
+from .estimators import variance_scale
 from .losses import as_loss
+from .outputs import LayerInputs, OutputSpace, kappa
 from .sharding import QueryChunks, chunk_examples
 from .targets import PerturbedForward, Target
-from .update import OptimizerConfig, UpdateMessage, all_finite, apply_update, init_optimizer_state, parameter_hash
+from .update import (OptimizerConfig, UpdateMessage, all_finite, apply_update, init_optimizer_state,
+                     parameter_hash, reconstruct_gradient)
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,8 @@ class ReplicaSpec:
     frozen_prefix: str = "auto"
     sigma: float = 1e-2
     noise: str = "rademacher"
+    noise_space: str = "weights"
+    layer_sigma: str = "rms"
     optimizer: OptimizerConfig = OptimizerConfig()
     threads: int = 1
     device: str = "auto"
@@ -37,7 +42,8 @@ class ReplicaSpec:
         t = cfg.train
         return cls(**{"include": cfg.target.include, "embedding_module": cfg.target.embedding_module,
                       "frozen_prefix": cfg.target.frozen_prefix,
-                      "sigma": t.sigma, "noise": t.noise, "optimizer": t.optimizer_config(),
+                      "sigma": t.sigma, "noise": t.noise, "noise_space": t.noise_space,
+                      "layer_sigma": t.layer_sigma, "optimizer": t.optimizer_config(),
                       "threads": cfg.cluster.threads_per_worker, **overrides})
 
 
@@ -65,6 +71,9 @@ class Replica:
         self.opt_state = init_optimizer_state(spec.optimizer, self.target.numel, self.device)
         self.forward = PerturbedForward(self.model, self.target, loss, spec.sigma, spec.noise,
                                         self.device, spec.embedding_module or None)
+        self.outputs = None if spec.noise_space == "weights" else \
+            OutputSpace(self.model, self.target, spec.layer_sigma, spec.noise)
+        self.layer_inputs, self.layer_inputs_at = None, -1  # output space: the batch's layer inputs, at which θ
         # the rows this replica holds: a few sample examples, then each step's batch as it comes
         self.inputs, self.labels = self._tensors(sample)
         if len(self.labels):  # a replica that only replays updates (verify) holds no examples
@@ -105,23 +114,49 @@ class Replica:
         self.forward.target.perturbed(self.theta, [0], 1.0, self.spec.noise)
         return (time.perf_counter() - began) / max(forward, 1e-9)
 
-    def clean_forward(self, batch: ArrayDataset, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Hold the step's batch (its rows, no others), then losses [n, C] and embeddings [n, C, m] at
-        θ for chunks of positions in it. With a frozen prefix, the prefix outputs of those rows are
-        kept for the step's queries."""
+    def clean_forward(self, batch: ArrayDataset, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Hold the step's batch (its rows, no others), then losses [n, C], embeddings [n, C, m] and
+        κ [n, C] (estimators.estimate) at θ for chunks of positions in it. With a frozen prefix, the
+        prefix outputs of those rows are kept for the step's queries."""
         self.inputs, self.labels = self._tensors(batch)
         self.prefix_chunks = {}  # canonical clean chunk i (positions i·C ...) -> its prefix outputs
         self.clean_rows = max(rows.shape[1], 1)
+        if self.outputs is not None:
+            return self._clean_every_chunk(rows)
         losses, embeddings = [], []
         for row in torch.tensor(rows, device=self.device):  # a copy: Ray's arrays are read-only
-            captured = []
-            loss, emb = self.forward.clean(self.theta, self.inputs[row], self.labels[row], captured)
-            losses.append(loss.cpu().numpy())
-            embeddings.append(emb.cpu().numpy())
-            self.prefix_chunks[int(row[0]) // self.clean_rows] = captured
+            loss, emb = self._clean_chunk(row)
+            losses.append(loss)
+            embeddings.append(emb)
         if not losses:
-            return np.zeros((0, rows.shape[1]), np.float32), np.zeros((0, rows.shape[1], 0), np.float32)
-        return np.stack(losses), np.stack(embeddings)
+            return (np.zeros((0, rows.shape[1]), np.float32), np.zeros((0, rows.shape[1], 0), np.float32),
+                    np.zeros((0, rows.shape[1])))
+        return np.stack(losses), np.stack(embeddings), np.full(rows.shape, variance_scale(self.d, self.spec.noise))
+
+    def _clean_chunk(self, row: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Losses and embeddings of one canonical clean chunk; its prefix outputs are kept."""
+        captured = []
+        loss, emb = self.forward.clean(self.theta, self.inputs[row], self.labels[row], captured)
+        self.prefix_chunks[int(row[0]) // self.clean_rows] = captured
+        return loss.cpu().numpy(), emb.cpu().numpy()
+
+    def _clean_every_chunk(self, rows: np.ndarray):
+        """Output space: every replica runs the whole batch's clean forward (one forward per example
+        per step), recording each target layer's inputs, since it rebuilds ĝ from all of them; it
+        returns the dealt rows' results. The chunks are canonical, so all replicas get the same bits."""
+        every = torch.tensor(chunk_examples(np.arange(len(self.labels)), self.clean_rows)[0], device=self.device)
+        losses, embeddings, records = [], [], []
+        for row in every:
+            with self.outputs.recording(records):
+                loss, emb = self._clean_chunk(row)
+            losses.append(loss)
+            embeddings.append(emb)
+        self.layer_inputs = LayerInputs(*({k: torch.cat([getattr(r, f)[k] for r in records]) for k in records[0].x}
+                                          for f in ("x", "r")))
+        self.layer_inputs_at = self.updates_applied  # valid while θ stays as it is
+        k = kappa(self.outputs.layers, self.layer_inputs).cpu().numpy().reshape(len(every), -1)
+        pick = np.asarray(rows[:, 0] // self.clean_rows, np.int64)
+        return np.stack(losses)[pick], np.stack(embeddings)[pick], k[pick]
 
     def _hold_prefix(self, examples: np.ndarray) -> np.ndarray:
         """Make sure the prefix outputs of these batch positions are held (a canonical clean chunk
@@ -147,12 +182,37 @@ class Replica:
         for i, (ex, seeds, signs) in enumerate(zip(examples, chunks.seeds, chunks.signs)):
             x, y = self.inputs[ex], self.labels[ex]
             at = None if held is None else torch.tensor(held[i], device=self.device)
-            if chunks.shared:
+            if self.outputs is not None:
+                loss = self._output_queries(ex, seeds, signs, x, y, at)
+            elif chunks.shared:
                 loss = self.forward.shared(self.theta, int(seeds[0]), int(signs[0]), x, y, at)
             else:
                 loss = self.forward.independent(self.theta, seeds, signs, x, y, at)
             out[i] = loss.cpu().numpy()
         return out
+
+    def _held_layer_inputs(self) -> LayerInputs:
+        if self.layer_inputs is None or self.layer_inputs_at != self.updates_applied:
+            raise RuntimeError(
+                f"step {self.updates_applied}: output-space noise needs the step's layer inputs from this replica's "
+                "clean forward at the current θ; replaying an output-space update log without its batches "
+                "is not supported")
+        return self.layer_inputs
+
+    def _output_queries(self, examples, seeds, signs, x, y, at) -> torch.Tensor:
+        """Losses of one chunk of output-space queries: a plain batched forward at θ whose target
+        layers add σ·r_lj·sign·ε_l(seed) to their outputs."""
+        held = self._held_layer_inputs()
+        scale = {name: self.spec.sigma * r[examples] for name, r in held.r.items()}
+        signs = torch.tensor(signs, dtype=torch.float32, device=self.device)
+        with self.outputs.noisy(seeds, signs, scale):
+            return self.forward.at_theta(self.theta, x, y, at)
+
+    def gradient(self, msg: UpdateMessage) -> torch.Tensor:
+        """ĝ of an update message, flat [d]: Σ c_s u(seed_s), or in output space Σ c_s G(seed_s)."""
+        if self.outputs is None:
+            return reconstruct_gradient(msg, self.d, self.spec.noise, self.device)
+        return self.outputs.gradient(msg.seeds, msg.coefficients, self._held_layer_inputs())
 
     def apply(self, msg: UpdateMessage) -> None:
         """Apply U_t once: a message that arrives again (re-sent after a failure) is ignored."""
@@ -160,7 +220,8 @@ class Replica:
             return
         if msg.step > self.updates_applied:
             raise RuntimeError(f"update for step {msg.step} reached a replica at step {self.updates_applied}")
-        theta, opt_state = apply_update(self.theta, self.opt_state, msg, self.spec.optimizer, self.spec.noise)
+        gradient = None if self.outputs is None else self.gradient(msg)
+        theta, opt_state = apply_update(self.theta, self.opt_state, msg, self.spec.optimizer, self.spec.noise, gradient)
         if not all_finite(theta, *opt_state.values()):
             largest = float(np.abs(msg.coefficients).max()) if len(msg.coefficients) else 0.0
             raise NonFiniteUpdate(

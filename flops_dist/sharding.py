@@ -12,6 +12,17 @@ from dataclasses import dataclass
 import numpy as np
 
 EXAMPLE_STRIDE = 1 << 20  # independent pairing: seed = base + j·stride + k, unique while A_j < 2**20
+NAMED_BASE = 1 << 40      # a base that is a multiple of this lets a seed name its example (example_of_seed)
+
+
+def seed_base_naming_examples(base: int) -> int:
+    """The base with its low 40 bits cleared: then seed = base + j·stride + k gives back j."""
+    return base - base % NAMED_BASE
+
+
+def example_of_seed(seeds: np.ndarray) -> np.ndarray:
+    """j of independent-pairing seeds drawn from a seed_base_naming_examples base (j, k < 2**20)."""
+    return (np.asarray(seeds, np.int64) % NAMED_BASE) // EXAMPLE_STRIDE
 
 
 @dataclass(frozen=True)

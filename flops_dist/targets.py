@@ -177,6 +177,11 @@ class PerturbedForward:
             return self._call(params, inputs)
 
     @torch.no_grad()
+    def at_theta(self, theta, inputs, labels, examples=None) -> torch.Tensor:
+        """Losses at θ itself, under whatever output hooks are active (output-space queries)."""
+        return self.losses(self._run(self.target.unflatten(theta), inputs, examples), inputs, labels)[0].float()
+
+    @torch.no_grad()
     def shared(self, theta, seed: int, sign: int, inputs, labels, examples=None) -> torch.Tensor:
         """`examples`: the rows' positions in the held batch, for the prefix outputs."""
         params = self.target.perturbed(theta, [seed], sign * self.sigma, self.noise_kind)

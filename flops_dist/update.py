@@ -56,17 +56,22 @@ def init_optimizer_state(cfg: OptimizerConfig, d: int, device="cpu") -> dict[str
 
 
 def apply_update(theta: torch.Tensor, state: dict[str, torch.Tensor], msg: UpdateMessage,
-                 cfg: OptimizerConfig, noise_kind: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 cfg: OptimizerConfig, noise_kind: str,
+                 gradient: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """θ_{t+1} from θ_t and U_t; returns new tensors and leaves the inputs untouched. Every optimizer
     here is elementwise, so the step runs a block of θ at a time (its gradient rebuilt for that
-    block alone): beside θ and the result, memory is one block, and the bits are the whole vector's."""
+    block alone): beside θ and the result, memory is one block, and the bits are the whole vector's.
+    `gradient`: ĝ already rebuilt (output-space noise, whose G(seed) is not a slice of u(seed))."""
     if cfg.kind not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {cfg.kind!r}; choose one of {', '.join(OPTIMIZERS)}")
     coefficients = torch.tensor(msg.coefficients, dtype=torch.float32).tolist()
     new_theta = torch.empty_like(theta)
     new_state = {k: torch.empty_like(v) for k, v in state.items()}
     for start, stop in blocks(theta.numel())[0]:
-        grad = accumulate(torch.zeros(stop - start, device=theta.device), msg.seeds, coefficients, noise_kind, start)
+        if gradient is not None:
+            grad = gradient[start:stop]
+        else:
+            grad = accumulate(torch.zeros(stop - start, device=theta.device), msg.seeds, coefficients, noise_kind, start)
         part = {k: v[start:stop] for k, v in state.items()}
         new_theta[start:stop], part = _step(theta[start:stop], part, grad, msg, cfg)
         for k, v in part.items():
