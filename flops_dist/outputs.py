@@ -153,15 +153,13 @@ class OutputSpace:
     def gradient(self, seeds, coefficients, inputs: LayerInputs) -> torch.Tensor:
         """ĝ = Σ_s c_s G(seed_s), flat [d] in θ's order; the seed's example is example_of_seed(seed)."""
         seeds = np.asarray(seeds, np.int64)
-        c = torch.tensor(np.asarray(coefficients, np.float64), dtype=torch.float32)
-        examples = torch.from_numpy(example_of_seed(seeds))
-        grad = None
+        device = next(iter(inputs.x.values())).device
+        c = torch.tensor(np.asarray(coefficients, np.float64), dtype=torch.float32, device=device)
+        examples = torch.from_numpy(example_of_seed(seeds)).to(device)
+        grad = torch.zeros(self.d, device=device)
         for layer in self.layers:
-            x = inputs.x[layer.name]
-            if grad is None:
-                grad, c, examples = torch.zeros(self.d, device=x.device), c.to(x.device), examples.to(x.device)
-            self._add_layer(grad, layer, x, c / inputs.r[layer.name][examples], seeds, examples)
-        return torch.zeros(self.d) if grad is None else grad
+            self._add_layer(grad, layer, inputs.x[layer.name], c / inputs.r[layer.name][examples], seeds, examples)
+        return grad
 
     def _add_layer(self, grad, layer, x, a, seeds, examples) -> None:
         """grad[W_l] += Σ_s a_s ε_sᵀ x_{j(s)}, grad[b_l] += Σ_s a_s Σ_t ε_st, a block of seeds at a

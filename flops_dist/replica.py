@@ -151,8 +151,8 @@ class Replica:
                 loss, emb = self._clean_chunk(row)
             losses.append(loss)
             embeddings.append(emb)
-        self.layer_inputs = LayerInputs(*({k: torch.cat([getattr(r, f)[k] for r in records]) for k in records[0].x}
-                                          for f in ("x", "r")))
+        self.layer_inputs = LayerInputs({k: torch.cat([rec.x[k] for rec in records]) for k in records[0].x},
+                                        {k: torch.cat([rec.r[k] for rec in records]) for k in records[0].r})
         self.layer_inputs_at = self.updates_applied  # valid while θ stays as it is
         k = kappa(self.outputs.layers, self.layer_inputs).cpu().numpy().reshape(len(every), -1)
         pick = np.asarray(rows[:, 0] // self.clean_rows, np.int64)

@@ -186,3 +186,28 @@ def test_replaying_an_output_space_update_without_its_batch_is_refused():
     fresh = output_replica(build_mlp())
     with pytest.raises(RuntimeError, match="replaying an output-space update log"):
         fresh.replay([outcomes[0].message])
+
+
+def test_two_ray_workers_match_the_local_reference_bit_for_bit(tmp_path):
+    ray = pytest.importorskip("ray")
+    from flops_dist.api import train
+    from flops_dist.targets import Target
+
+    cfg = Config()
+    cfg.train.steps, cfg.train.batch_size, cfg.train.chunk_size, cfg.train.hash_every = 6, 24, 8, 3
+    cfg.train.sigma, cfg.train.learning_rate, cfg.train.noise_space = 0.01, 0.1, "outputs"
+    cfg.target.embedding_module = "1"
+    cfg.cluster.workers, cfg.cluster.gpus_per_worker = 2, "0"
+    cfg.output.run_dir, cfg.metrics.port = str(tmp_path / "run"), -1
+    cfg.validate()
+    reference = Replica(build_mlp(), cross_entropy, blobs(), ReplicaSpec.from_config(cfg, threads=1))
+    engine = Engine(cfg.train, LocalExecutor([reference]), blobs(), reference.d)
+    for t in range(cfg.train.steps):
+        engine.step(t)
+    ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
+             logging_level="WARNING")
+    try:
+        model = train(build_mlp(), cross_entropy, blobs(), cfg, progress=lambda line: None).model
+    finally:
+        ray.shutdown()
+    assert torch.equal(Target.select(model, "all").flatten(model), reference.theta)
