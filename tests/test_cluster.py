@@ -62,10 +62,16 @@ def submit_and_wait(address: str, job: Path, job_file: str, run_dir: Path, steps
     """`ray job submit --working-dir JOB -- flops-dist train JOB_FILE`; waits, asserts success,
     returns the job's logs."""
     submission = f"flops-dist-{job_file.split('.')[0]}-{os.getpid()}"
-    sent = ray_job("submit", "--address", address, "--submission-id", submission, "--working-dir", str(job),
-                   "--no-wait", "--", sys.executable, "-m", "flops_dist.cli", "train", job_file,
-                   "--set", f"train.steps={steps}", "--set", "cluster.address=auto", "--set", "metrics.port=-1",
-                   "--set", "output.log_every=10", "--set", f"output.run_dir='{run_dir}'")
+    submit = ["submit", "--address", address, "--submission-id", submission, "--working-dir", str(job),
+              "--no-wait", "--", sys.executable, "-m", "flops_dist.cli", "train", job_file,
+              "--set", f"train.steps={steps}", "--set", "cluster.address=auto", "--set", "metrics.port=-1",
+              "--set", "output.log_every=10", "--set", f"output.run_dir='{run_dir}'"]
+    deadline = time.monotonic() + 120
+    sent = ray_job(*submit)
+    # the head answers before its node's job agent is up ("No available agent ... try again later")
+    while sent.returncode != 0 and "No available agent" in sent.stderr and time.monotonic() < deadline:
+        time.sleep(3)
+        sent = ray_job(*submit)
     assert sent.returncode == 0, sent.stdout + sent.stderr
     deadline, status = time.monotonic() + 400, ""
     while time.monotonic() < deadline:
