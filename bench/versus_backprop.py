@@ -178,11 +178,11 @@ def accuracy(model, test, params: dict | None = None) -> float:
     return correct / len(test)
 
 
-def snapshot_accuracy(model, test, run_dir: Path) -> tuple[int, float]:
-    """(step, held-out accuracy) of the newest verified θ snapshot of a running flops_dist job."""
-    snap = read_snapshot(sorted((run_dir / "snapshots").glob("step-*.safetensors"))[-1])
+def snapshot_accuracy(model, test, path: Path) -> float:
+    """Held-out accuracy of the θ in a flops_dist snapshot (its hash checked on reading)."""
+    snap = read_snapshot(path)
     params = Target.select(model, ["all"]).unflatten(torch.from_numpy(snap.tensors["theta"]))
-    return snap.step, accuracy(model, test, params)
+    return accuracy(model, test, params)
 
 
 # --- the runs
@@ -192,14 +192,20 @@ def flops_dist_run(task: Task, method: str, seed: int, cfg: Config, setup: dict)
     the coordinator waits for its next call. Returns the curve and the batch losses."""
     run_dir, scores = Path(cfg.output.run_dir), {0: setup["start"]}
 
-    def progress(line: str) -> None:
-        if line.startswith("step"):
-            step, acc = snapshot_accuracy(setup["scorer"], setup["test"], run_dir)
-            scores[step] = acc
-            log(f"  {task.name} {method} seed {seed}: step {step}, held-out accuracy {acc:.4f}")
+    def score_newest(line: str = "step") -> None:
+        """Score the newest snapshot: at each progress line, and once more after the run, whose
+        final snapshot comes after its last progress line when log_every does not divide steps."""
+        if not line.startswith("step"):
+            return
+        path = max((run_dir / "snapshots").glob("step-*.safetensors"))
+        step = int(path.stem.split("-")[1])
+        if step not in scores:
+            scores[step] = snapshot_accuracy(setup["scorer"], setup["test"], path)
+            log(f"  {task.name} {method} seed {seed}: step {step}, held-out accuracy {scores[step]:.4f}")
 
     result = flops_dist.train(copy.deepcopy(setup["scorer"]), setup["loss_fn"], setup["train"], cfg,
-                              progress=progress)
+                              progress=score_newest)
+    score_newest()
     run = result.run_log.to_pydict()
     seconds, queries = np.cumsum([0.0] + run["seconds"]), np.cumsum([0] + run["queries"])
     curve = Curve(task.name, method, seed, max(result.peak_memory["workers"]))
@@ -231,7 +237,7 @@ class Backprop:
             optimizer.step()
             elapsed += time.perf_counter() - began
             losses.append(loss.item())
-            if (t + 1) % every == 0:  # forward + backward counted as 3 queries per example
+            if (t + 1) % every == 0 or t + 1 == cfg.train.steps:  # forward + backward: 3 queries an example
                 points.append((elapsed, 3 * len(rows) * (t + 1), accuracy(model, test)))
         return points, losses, peak_rss_bytes()
 
