@@ -307,14 +307,14 @@ def table_rows(task: Task, curves: list[Curve]) -> list[str]:
     return rows
 
 
-def report(tasks: list[Task], curves: list[Curve], seeds: int) -> None:
+def report(tasks: list[Task], curves: list[Curve]) -> None:
     lines = ["| task | method | SGD lr | steps | peak MB per worker | s to target | queries to target | "
              "queries in all | final held-out accuracy |", "|---|---|---|---|---|---|---|---|---|"]
     for task in tasks:
         mine = [c for c in curves if c.task == task.name]
         start, final, target = target_accuracy(mine)
         print(f"{task.name}: held-out accuracy at the start {start:.4f}, backprop's final {final:.4f}, "
-              f"target {target:.4f} ({TARGET_FRACTION:g} of the way); {seeds} seeds")
+              f"target {target:.4f} ({TARGET_FRACTION:g} of the way); {len({c.seed for c in mine})} seeds")
         lines += table_rows(task, mine)
     print("\n".join(lines))
 
@@ -401,7 +401,7 @@ def main():
     ray.shutdown()
     plot(tasks, curves, out / "versus_backprop.png")
     print(f"curves and plot in {out}")
-    report(tasks, curves, args.seeds)
+    report(tasks, curves)
 
 
 if __name__ == "__main__":
