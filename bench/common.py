@@ -5,10 +5,12 @@ import copy
 import subprocess
 import sys
 import tempfile
+import time
 import tomllib
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 
 from flops_dist.allocators import optimal_integer_allocation, variance_objective
@@ -43,6 +45,27 @@ def prepared_data(example: str, *prepare_args: str) -> Path:
                        check=True, stdout=sys.stderr)
         partial.rename(data)
     return data
+
+
+def example_job(example: str, toml: str) -> dict:
+    """An example's job file as a dict, its data and weights paths pointing under bench/out."""
+    raw = tomllib.loads((EXAMPLES / example / toml).read_text())
+    data = prepared_data(example)
+    for section, key in (("data", "train"), ("data", "test"), ("model", "weights")):
+        if raw[section].get(key):
+            raw[section][key] = str(data / raw[section][key].split("/")[-1])
+    return raw
+
+
+def wait_for_idle_cluster(cpus: int, timeout: float = 60.0) -> None:
+    """Block until `cpus` CPUs are free again: the previous run's actors are gone, so they neither
+    hold the CPUs the next run asks for nor compete with it."""
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU", 0) < cpus:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Ray still has actors holding CPUs after {timeout:.0f} s: "
+                               f"{ray.available_resources()}")
+        time.sleep(0.2)
 
 
 def digits_config(**overrides) -> Config:

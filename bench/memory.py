@@ -15,14 +15,13 @@ The last line is read by a program:
 from __future__ import annotations
 
 import argparse
-import tomllib
 
 import numpy as np
 import ray
 import torch
 
 import flops_dist
-from common import EXAMPLES, fresh_dir, prepared_data
+from common import EXAMPLES, example_job, fresh_dir
 from flops_dist.config import Config
 from flops_dist.loading import as_dataset, build_model, load_callable, sample_rows
 from flops_dist.metrics import peak_rss_bytes
@@ -38,13 +37,7 @@ CASES = [
 
 
 def job_config(example: str, toml: str, include, steps: int, run_dir) -> Config:
-    raw = tomllib.loads((EXAMPLES / example / toml).read_text())
-    data = prepared_data(example)
-    for key in ("train", "test"):
-        if raw["data"].get(key):
-            raw["data"][key] = str(data / raw["data"][key].split("/")[-1])
-    if raw["model"].get("weights"):
-        raw["model"]["weights"] = str(data / raw["model"]["weights"].split("/")[-1])
+    raw = example_job(example, toml)
     if include:
         raw["target"]["include"] = include
     raw["data"]["test"] = ""

@@ -38,7 +38,7 @@ from evotorch import Problem
 from evotorch.algorithms import PGPE
 
 import flops_dist
-from common import digits_config, fresh_dir
+from common import digits_config, fresh_dir, wait_for_idle_cluster
 from flops_dist.data import load_dataset
 from flops_dist.loading import build_model, load_callable
 
@@ -116,17 +116,6 @@ def flops_dist_round(cfg):
     return queries.sum() / seconds.sum(), result.metric_after
 
 
-def wait_for_idle_cluster(timeout=60.0):
-    """Block until every CPU is free again: the other side's actors are gone, so they neither hold
-    the CPUs the next side asks for nor compete with it."""
-    deadline = time.monotonic() + timeout
-    while ray.available_resources().get("CPU", 0) < CPUS:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"Ray still has actors holding CPUs after {timeout:.0f} s: "
-                               f"{ray.available_resources()}")
-        time.sleep(0.2)
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=600,
@@ -151,10 +140,10 @@ def main():
         cfg = digits_config(train__steps=args.steps, train__seed=r, output__run_dir=str(out / f"round-{r}"),
                             metrics__port=-1)
         torch.manual_seed(r)
-        wait_for_idle_cluster()
+        wait_for_idle_cluster(CPUS)
         evo = evotorch_round(cfg, args.steps * cfg.train.batch_size * cfg.train.queries_per_example,
                              args.popsize, args.stdev, args.lr)
-        wait_for_idle_cluster()
+        wait_for_idle_cluster(CPUS)
         rows.append((r, *evo, *flops_dist_round(cfg)))
     ray.shutdown()
     report(rows, args)
