@@ -163,3 +163,17 @@ def test_a_value_written_as_a_one_key_table_is_named_in_labels():
     points = expand_grid({"target.include": [{"last_block": [r"blocks\.1\..*", "head"]}, ["head"], []]}, "grid")
     assert points == [("include=last_block", {"target.include": [r"blocks\.1\..*", "head"]}),
                       ("include=head", {"target.include": ["head"]}), ("include=none", {"target.include": []})]
+
+
+def test_a_trial_whose_model_cannot_run_it_is_refused_before_ray_starts(digits_dir, tmp_path, capsys):
+    """Each distinct grid point is preflighted in this process: output-space noise on a LayerNorm
+    is one line naming the ablation, the grid point and the target, and no Ray starts."""
+    base = digits_job(tmp_path, digits_dir)
+    path = write(tmp_path, f'base = "{base.name}"\n[[ablation]]\nname = "layers"\n'
+                           '[ablation.grid]\n"target.include" = [["head"], {last_block = ["blocks.1"]}]\n'
+                           '"train.noise_space" = ["outputs"]\n')
+    assert main(["sweep", str(path)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("flops-dist: error: ablation 'layers' (include=last_block, noise_space=outputs): target: ")
+    assert "is a LayerNorm" in line
+    assert not ray.is_initialized()
