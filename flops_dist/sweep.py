@@ -31,17 +31,20 @@ A trial runs the engine in its Tune worker with the local reference executor (on
 actors of its own, the same bits as `flops-dist train`). The driver loads the model, loss and data
 once and ships them to the trials, so grids may not change `model.*` or `data.*`. Every trial's
 config is validated, and each distinct one preflighted, before Ray starts, so bad input is one
-ConfigError naming the field. The parsing and the summaries here import no Ray.
+ConfigError naming the field. Trials with the same config (ablations that share a point, such as
+the job as it is) run once and give their rows to each. The parsing and the summaries here import
+no Ray.
 """
 from __future__ import annotations
 
 import copy
 import itertools
+import json
 import math
 import re
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -352,9 +355,26 @@ def run_sweep(sweep: Sweep, progress=print) -> list[Path]:
     shared = _load_shared(sweep.trials[0].config)
     _preflight_all(sweep, shared)
     began = time.perf_counter()
-    rows = _run_tune(sweep, shared, progress)
-    progress(f"{len(sweep.trials)} trials in {time.perf_counter() - began:.0f} s")
+    runs, members = distinct_trials(sweep.trials)
+    rows = share_rows(_run_tune(sweep, runs, shared, progress), members)
+    progress(f"{len(runs)} trials in {time.perf_counter() - began:.0f} s")
     return write_results(sweep, rows, progress)
+
+
+def distinct_trials(trials: list[Trial]) -> tuple[list[Trial], dict[tuple, list[Trial]]]:
+    """The trials to run, one per distinct config (ablations often share a point, such as the job as
+    it is), and for each, keyed by (ablation, label, seed), the trials whose rows it gives."""
+    runs, members = {}, {}
+    for trial in trials:
+        run = runs.setdefault(json.dumps(asdict(trial.config), sort_keys=True), trial)
+        members.setdefault((run.ablation, run.label, run.seed), []).append(trial)
+    return list(runs.values()), members
+
+
+def share_rows(rows: list[dict], members: dict[tuple, list[Trial]]) -> list[dict]:
+    """Every row of a run once for each trial with its config, under that trial's ablation and label."""
+    return [dict(row, ablation=t.ablation, label=t.label) for row in rows
+            for t in members[row["ablation"], row["label"], row["seed"]]]
 
 
 def write_results(sweep: Sweep, rows: list[dict], progress=print) -> list[Path]:
@@ -401,7 +421,7 @@ def _preflight_all(sweep: Sweep, shared: dict) -> None:
             raise TrainingError(f"ablation {trial.ablation!r} ({trial.label}): {e}", e.details) from None
 
 
-def _run_tune(sweep: Sweep, shared: dict, progress) -> list[dict]:
+def _run_tune(sweep: Sweep, runs: list[Trial], shared: dict, progress) -> list[dict]:
     import logging
     import os
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # rows reach us through a callback
@@ -413,17 +433,17 @@ def _run_tune(sweep: Sweep, shared: dict, progress) -> list[dict]:
     from .config import ClusterConfig
     start_ray(Config(cluster=ClusterConfig(address=sweep.address, num_cpus=sweep.num_cpus)))
     ship_by_value(shared["model"], shared["loss_fn"])
-    collector = _collector(tune.Callback, len(sweep.trials), progress)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, trials=sweep.trials, eval_every=sweep.eval_every,
+    collector = _collector(tune.Callback, len(runs), progress)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, trials=runs, eval_every=sweep.eval_every,
                                                          **shared), {"cpu": sweep.cpus_per_trial})
-    tuner = tune.Tuner(trainable, param_space={"index": tune.grid_search(list(range(len(sweep.trials))))},
+    tuner = tune.Tuner(trainable, param_space={"index": tune.grid_search(list(range(len(runs))))},
                        tune_config=tune.TuneConfig(trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
                        run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", verbose=0,
                                                  storage_path=str((sweep.out_dir / "tune").resolve()),
                                                  callbacks=[collector]))
     for result in tuner.fit():
         if result.error is not None:
-            trial = sweep.trials[result.config["index"]]
+            trial = runs[result.config["index"]]
             cause = getattr(result.error, "cause", None) or result.error
             raise TrainingError(f"ablation {trial.ablation!r} ({trial.label}) seed {trial.seed} failed: "
                                 f"{type(cause).__name__}: {cause}", str(result.error))

@@ -11,7 +11,7 @@ import ray
 
 from flops_dist.cli import main
 from flops_dist.config import ConfigError
-from flops_dist.sweep import ROW_SCHEMA, expand_grid, load_sweep, summarize
+from flops_dist.sweep import ROW_SCHEMA, distinct_trials, expand_grid, load_sweep, share_rows, summarize
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -177,3 +177,16 @@ def test_a_trial_whose_model_cannot_run_it_is_refused_before_ray_starts(digits_d
     assert line.startswith("flops-dist: error: ablation 'layers' (include=last_block, noise_space=outputs): target: ")
     assert "is a LayerNorm" in line
     assert not ray.is_initialized()
+
+
+def test_trials_with_the_same_config_run_once_and_give_their_rows_to_each(job):
+    """lambda's allocator_frozen=none and pairing's lr/independent are both the job as it is."""
+    sweep = load_sweep(write(job, EXAMPLE.replace("seeds = [3]", "seeds = [0]")))
+    runs, members = distinct_trials(sweep.trials)
+    assert len(sweep.trials) == 11 and len(runs) == 10
+    shared = members["pairing", "estimator=lr, pairing=independent", 0]
+    assert [(t.ablation, t.label) for t in shared] == [("pairing", "estimator=lr, pairing=independent"),
+                                                        ("lambda", "allocator_frozen=none")]
+    rows = share_rows([dict(ablation="pairing", label="estimator=lr, pairing=independent", seed=0, step=1)], members)
+    assert [(r["ablation"], r["label"], r["step"]) for r in rows] == [
+        ("pairing", "estimator=lr, pairing=independent", 1), ("lambda", "allocator_frozen=none", 1)]
