@@ -18,6 +18,7 @@ Allocators:
              K_ij = s² exp(−(1 − cos(e_i, e_j)) / (2γ²)), then A = project_to_budget(max(x, 0)).
              (β1, s, γ) follow the likelihood-ratio gradient of E[J(A)], J(A) = Σ ĉ_j / A_j, on the
              continuous allocation; β0 stays fixed (the projection makes the scale of x irrelevant).
+             Any of β1, s, γ can be frozen too (`frozen`), for the ablations of bench/ablation.toml.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 ALLOCATORS = ("uniform", "neyman", "bernoulli", "flops")
+LEARNABLE = ("beta1", "s", "gamma")  # the λ components learn() moves; β0 is always fixed (LambdaState)
 
 
 @dataclass
@@ -251,9 +253,13 @@ class GaussianAllocator:
 
     def __init__(self, beta0: float = 1.0, beta1: float = 1.0, scale: float = 0.3,
                  lengthscale: float = 0.5, learning_rate: float = 0.05, candidates: int = 16,
-                 features: int = 64, nugget: float = 0.05, min_scale: float = 0.05, decay_steps: float = 200.0):
+                 features: int = 64, nugget: float = 0.05, min_scale: float = 0.05, decay_steps: float = 200.0,
+                 frozen: tuple[str, ...] = ()):
         if not beta0 > 0:
             raise ValueError(f"beta0 is the fixed scale of the mean and must be positive, got {beta0}")
+        unknown = sorted(set(frozen) - set(LEARNABLE))
+        if unknown:
+            raise ValueError(f"cannot freeze {unknown[0]!r}: the learned components are {', '.join(LEARNABLE)}")
         self.state = LambdaState(beta0, beta1, math.log(max(scale, min_scale * beta0)), math.log(lengthscale))
         self.learning_rate = learning_rate  # 0 freezes λ
         self.candidates = candidates
@@ -261,6 +267,8 @@ class GaussianAllocator:
         self.nugget = nugget
         self.min_scale = min_scale  # floor of s/β0: below it every candidate is the same allocation
         self.decay_steps = decay_steps
+        # indices into LambdaState.raw held at their initial values, with β0's
+        self.frozen = (0,) + tuple(1 + LEARNABLE.index(name) for name in frozen)
 
     def parameters(self) -> dict[str, float]:
         s = self.state
@@ -335,7 +343,8 @@ class GaussianAllocator:
         advantage = torch.from_numpy((j - baseline) / j.mean())
         optimizer = self._adam(raw)
         (advantage * self.log_prob(x, ask.phi, ask.unit, ask.omega, ask.phase, raw)).mean().backward()
-        raw.grad[0] = 0.0  # β0 is fixed (LambdaState); Adam moves a zero-gradient coordinate by exactly 0
+        # β0 and the frozen components: Adam moves a coordinate whose gradient was always 0 by exactly 0
+        raw.grad[list(self.frozen)] = 0.0
         optimizer.step()
         with torch.no_grad():
             raw[2].clamp_(min=math.log(self.min_scale * self.state.beta0))

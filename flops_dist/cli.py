@@ -1,5 +1,6 @@
 """`flops-dist train CONFIG`: forward-only training from a TOML config; `flops-dist plot RUN_DIR`;
-`flops-dist verify RUN_DIR`: check a run directory's integrity.
+`flops-dist verify RUN_DIR`: check a run directory's integrity; `flops-dist sweep SWEEP.toml`: ablations
+as Ray Tune trials (flops_dist/sweep.py).
 
 Every failure is one line, `flops-dist: error: …`, naming the field, file or step. Where there is
 a traceback worth keeping (the user's own code raised, or a remote error), it goes to the run
@@ -69,6 +70,16 @@ def _verify(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from .sweep import load_sweep, run_sweep
+    sweep = load_sweep(args.sweep_file)
+    print(f"sweep {args.sweep_file}: {len(sweep.trials)} trials in {len(sweep.ablations)} ablations "
+          f"({', '.join(sweep.ablations)}); results in {sweep.out_dir}", flush=True)
+    for path in run_sweep(sweep, progress=lambda line: print(line, flush=True)):
+        print(path)
+    return 0
+
+
 def _plot(args) -> int:
     from .plots import plot_run
     for path in plot_run(args.run_dir):
@@ -111,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                          help="override a config value, e.g. --set train.steps=50")
     p_train.set_defaults(func=_train)
+    p_sweep = sub.add_parser("sweep", help="run a sweep file's ablations as Ray Tune trials; a Parquet table "
+                                           "and a PNG per ablation")
+    p_sweep.add_argument("sweep_file")
+    p_sweep.set_defaults(func=_sweep)
     for name, func, text in (("plot", _plot, "plot a run's loss curve and allocation histograms"),
                              ("verify", _verify, "check a run directory's snapshots, logs and model, and "
                                                  "replay its update log")):

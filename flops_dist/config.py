@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .allocators import ALLOCATORS
+from .allocators import ALLOCATORS, LEARNABLE
 from .estimators import ESTIMATORS
 from .noise import KINDS as NOISE_KINDS
 from .update import OPTIMIZERS, OptimizerConfig
@@ -47,6 +47,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     allocator: str = "flops"         # uniform, neyman, bernoulli or flops
     allocator_learning_rate: float = 0.05  # step size for λ; 0 freezes λ at its initial value
+    allocator_frozen: list[str] = field(default_factory=list)  # flops: λ components held at their start, of
+                                     # beta1, s, gamma (β0 is always fixed); for ablations
     neyman_pilot: str = "reuse"      # reuse: the pilot's queries count in the estimate (biased); discard: they only allocate
     seed: int = 0                    # run seed: data order, query seeds, allocator samples
     chunk_size: int = 16             # queries per evaluation chunk; fixed boundaries keep losses batch-invariant
@@ -160,6 +162,7 @@ class Config:
                               f"{t.queries_per_example} is below the minimum B·A_min = {t.batch_size}×"
                               f"{t.min_queries}; raise queries_per_example or lower min_queries")
         self._validate_neyman()
+        self._validate_frozen()
         self._validate_output_space()
         self._validate_cluster_and_output()
         return self
@@ -174,6 +177,18 @@ class Config:
         if t.queries_per_example == t.min_queries:
             raise ConfigError("train.queries_per_example: neyman spends min_queries per example on a pilot "
                               "and needs budget left after it")
+
+    def _validate_frozen(self) -> None:
+        t = self.train
+        for name in t.allocator_frozen:
+            if name == "beta0":
+                raise ConfigError("train.allocator_frozen: beta0 is always fixed (the projection to the budget "
+                                  "makes λ's scale redundant), so freezing it changes nothing; freeze "
+                                  f"{', '.join(LEARNABLE)}")
+            _choice("train.allocator_frozen", name, LEARNABLE)
+        if t.allocator_frozen and t.allocator != "flops":
+            raise ConfigError(f"train.allocator_frozen: only the flops allocator learns λ, but train.allocator "
+                              f"is {t.allocator!r}")
 
     def _validate_output_space(self) -> None:
         t = self.train

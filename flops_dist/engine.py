@@ -141,7 +141,8 @@ class Engine:
         self.budget = cfg.batch_size * cfg.queries_per_example // cfg.unit
         self.a_min = cfg.min_queries // cfg.unit
         self.allocator = make_allocator(cfg.allocator, pilot_units=self.a_min, reuse_pilot=cfg.neyman_pilot == "reuse",
-                                        learning_rate=cfg.allocator_learning_rate)
+                                        learning_rate=cfg.allocator_learning_rate,
+                                        **({"frozen": tuple(cfg.allocator_frozen)} if cfg.allocator_frozen else {}))
 
     def batch(self, t: int) -> np.ndarray:
         """Batch t: slice t of a per-epoch permutation seeded by (run seed, epoch)."""

@@ -323,3 +323,23 @@ def test_flops_learns_the_shared_noise_optimum_from_unit_scores():
         ends[shared] = np.mean([v_shared(learner.allocate(features, budget, a_min, draws)[0]) for _ in range(50)])
     assert ends[True] < 1.10 * best
     assert ends[False] > 1.3 * best
+
+
+@pytest.mark.parametrize("frozen", ["beta1", "s", "gamma"])
+def test_a_frozen_lambda_component_does_not_move_while_the_others_learn(frozen):
+    """train.allocator_frozen: the frozen component keeps its initial value exactly, bit for bit,
+    over 200 learn steps, while the components left free move."""
+    c, features = heavy_tailed_problem(0)
+    learner = GaussianAllocator(frozen=(frozen,))
+    start = learner.parameters()
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        learner.learn(learner.allocate(features, 512, 1, rng)[1], c)
+    end = learner.parameters()
+    assert end[frozen] == start[frozen] and end["beta0"] == start["beta0"]
+    assert all(end[name] != start[name] for name in ("beta1", "s", "gamma") if name != frozen)
+
+
+def test_only_learned_lambda_components_can_be_frozen():
+    with pytest.raises(ValueError, match="cannot freeze 'beta0'"):
+        GaussianAllocator(frozen=("beta0",))
