@@ -39,10 +39,11 @@ class BatchFeatures:
     losses: np.ndarray               # Φ_j, float [B]
     embeddings: np.ndarray | None    # e_j, float [B, m]
     pilot_c_hat: np.ndarray | None = None
+    kappa: np.ndarray | None = None  # κ_j of ĉ_j = κ_j mean Δ²/σ² (estimators.estimate); None: κ(d)
 
     def subset(self, keep: np.ndarray) -> "BatchFeatures":
-        return BatchFeatures(self.losses[keep], None if self.embeddings is None else self.embeddings[keep],
-                             None if self.pilot_c_hat is None else self.pilot_c_hat[keep])
+        part = lambda v: None if v is None else v[keep]
+        return BatchFeatures(self.losses[keep], part(self.embeddings), part(self.pilot_c_hat), part(self.kappa))
 
 
 def variance_objective(c: np.ndarray, allocation: np.ndarray) -> float:

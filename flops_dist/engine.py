@@ -209,15 +209,14 @@ class Engine:
         size = self.cfg.clean_chunk_size or self.cfg.chunk_size
         rows, _ = chunk_examples(np.arange(len(batch)), min(size, len(batch)))
         clean_rows, emb_rows, kappa = self.executor.clean_forward(rows, self.data.rows(batch))
-        self.kappa = kappa.reshape(-1)[:len(batch)]
         return BatchFeatures(clean_rows.reshape(-1)[:len(batch)].astype(np.float64),
-                             emb_rows.reshape(-1, emb_rows.shape[-1])[:len(batch)])
+                             emb_rows.reshape(-1, emb_rows.shape[-1])[:len(batch)],
+                             kappa=kappa.reshape(-1)[:len(batch)])
 
     def _estimate(self, queries: QueryLosses, features: BatchFeatures):
         cfg = self.cfg
-        # κ_j depends on the example in output space (outputs.py), on d alone in weight space
-        kappa = self.kappa if cfg.noise_space == "outputs" else None
-        return estimate(queries, features.losses, cfg.estimator, cfg.sigma, self.d, cfg.noise, kappa)
+        # the replicas' κ_j: κ(d) in weight space, the example's own in output space (outputs.py)
+        return estimate(queries, features.losses, cfg.estimator, cfg.sigma, self.d, cfg.noise, features.kappa)
 
     def _allocate(self, features: BatchFeatures, usable: np.ndarray, rng):
         """A_j ≥ A_min with Σ A_j = N. An example with a non-finite clean loss or embedding gets

@@ -67,6 +67,7 @@ class Replica:
         loss = as_loss(loss_fn)
         loss.ensure_loaded(self.device)  # a frozen model behind the target: once per replica
         self.target = Target.select(self.model, spec.include)
+        self._float32_params = self._theta_slices()
         self.theta = self.target.flatten(self.model).to(self.device)
         self.opt_state = init_optimizer_state(spec.optimizer, self.target.numel, self.device)
         self.forward = PerturbedForward(self.model, self.target, loss, spec.sigma, spec.noise,
@@ -84,6 +85,15 @@ class Replica:
     def _tensors(self, data: ArrayDataset) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.tensor(data.inputs, device=self.device), torch.tensor(data.labels, device=self.device)
 
+    def _theta_slices(self) -> list[tuple[nn.Parameter, int]]:
+        """(parameter, its offset in θ) of the float32 target parameters, which share θ's memory."""
+        params, out, start = dict(self.model.named_parameters()), [], 0
+        for name, shape, dtype in zip(self.target.names, self.target.shapes, self.target.dtypes):
+            if dtype == torch.float32:
+                out.append((params[name], start))
+            start += shape.numel()
+        return out
+
     @property
     def theta(self) -> torch.Tensor:
         return self._theta
@@ -93,10 +103,8 @@ class Replica:
         """Set θ, and make the model's float32 target parameters views of it: forwards take θ through
         functional_call and never read them, so a copy of their own would only double the memory."""
         self._theta = value
-        params = dict(self.model.named_parameters())
-        for name, view in self.target.unflatten(value).items():
-            if params[name].dtype == view.dtype:
-                params[name].data = view
+        for param, start in self._float32_params:
+            param.data = value[start:start + param.numel()].view(param.shape)
 
     @property
     def d(self) -> int:
