@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from common import EXAMPLES, digits_config, fresh_dir, gradient_errors
+from common import Report, EXAMPLES, digits_config, fresh_dir, gradient_errors
 from flops_dist.allocators import UniformAllocator, optimal_integer_allocation, variance_objective
 from flops_dist.data import load_dataset
 from flops_dist.engine import Engine, LocalExecutor
@@ -215,16 +215,9 @@ def main():
         args.seeds, args.steps, args.every, args.lrs = 1, 20, 5, "0.01"
         oracle_batches, oracle_reps, error_reps = 1, 1, 2
     torch.set_num_threads(1)  # small ops on a shared machine: more threads are slower
-    began = time.perf_counter()
     out = fresh_dir("allocator_gain")
-    lines = []
-
-    def emit(line=""):
-        print(line, flush=True)
-        lines.append(line)
-
-    def progress(msg):
-        print(f"[{time.perf_counter() - began:5.0f}s] {msg}", file=sys.stderr, flush=True)
+    report = Report()
+    emit, progress = report.emit, report.progress
 
     progress(f"writing to {out}")
     problem = Problem(out)
@@ -293,12 +286,12 @@ def main():
         f"{' '.join(f'{v:.2f}' for v in measured[space])}" for space in SPACES))
     emit("tuning seed, training loss over the last quarter: " + "; ".join(
         f"{s} {a}: " + " ".join(f"{lr:g}→{v:.4f}" for lr, v in tuning[s, a].items()) for s, a in tuning))
-    emit(f"runtime {time.perf_counter() - began:.0f} s")
+    emit(f"runtime {time.perf_counter() - report.began:.0f} s")
     plot(out / "allocator_gain.png", curves, gains, args.every, budget, lrs)
     ratio = np.nanmax([gains[space][0][2] for space in SPACES])
     bound = max(np.mean(bounds[space]) for space in SPACES)
     emit(f"flops / uniform queries to target: {ratio:.2f} (oracle bound {bound:.2f})")
-    (out / "allocator_gain.txt").write_text("\n".join(lines) + "\n")
+    report.write(out / "allocator_gain.txt")
 
 
 if __name__ == "__main__":

@@ -41,13 +41,12 @@ directory bench/out/allocators_digits-*. --smoke: 1 seed, 4 steps, 2 batches × 
 example's data is prepared under bench/out if missing.
 """
 import argparse
-import sys
 import time
 
 import numpy as np
 import torch
 
-from common import digits_config, fresh_dir, gradient_errors, jackknife_ratio, oracle_ratio
+from common import Report, digits_config, fresh_dir, gradient_errors, jackknife_ratio, oracle_ratio
 from flops_dist.loading import build_model, load_callable
 from flops_dist.data import load_dataset
 from flops_dist.engine import Engine, LocalExecutor
@@ -122,21 +121,13 @@ def main():
     if args.smoke:
         args.seeds, args.steps, args.reps, args.batches = 1, 4, 3, 2
     torch.set_num_threads(1)  # small ops on a shared machine: more threads are far slower
+    report = Report()
+    emit, progress = report.emit, report.progress
     lrs = [float(x) for x in args.lrs.split(",")]
-    began = time.perf_counter()
     setup = Setup()
     cfg = config("uniform")
     budget = cfg.train.batch_size * cfg.train.queries_per_example
     checkpoints = (0, args.steps // 2, args.steps)
-    lines = []
-
-    def emit(line=""):
-        print(line, flush=True)
-        lines.append(line)
-
-    def progress(msg):
-        print(f"[{time.perf_counter() - began:6.0f}s] {msg}", file=sys.stderr, flush=True)
-
     out = fresh_dir("allocators_digits")
     progress(f"writing to {out}")
     runs = {}  # (name, lr, seed) -> result
@@ -224,9 +215,9 @@ def main():
             emit(f"   {name:14s}{lr:>6g}{acc.mean():>10.4f} ± {acc.std():.4f}{loss.mean():>10.4f} ± "
                  f"{loss.std():.4f}" + (f"{q:>10d}{q / ref:>8.2f}" if q else f"{'never':>10s}{'':>8s}") + mark)
     emit()
-    emit(f"runtime {time.perf_counter() - began:.0f} s")
+    emit(f"runtime {time.perf_counter() - report.began:.0f} s")
 
-    (out / "allocators_digits.txt").write_text("\n".join(lines) + "\n")
+    report.write(out / "allocators_digits.txt")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -47,6 +47,24 @@ def prepared_data(example: str, *prepare_args: str) -> Path:
     return data
 
 
+class Report:
+    """A bench's results, printed as they come and kept for its text file, and its progress on stderr
+    with the seconds since it began."""
+
+    def __init__(self):
+        self.lines, self.began = [], time.perf_counter()
+
+    def emit(self, line: str = "") -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def progress(self, msg: str) -> None:
+        print(f"[{time.perf_counter() - self.began:6.0f}s] {msg}", file=sys.stderr, flush=True)
+
+    def write(self, path: Path) -> None:
+        path.write_text("\n".join(self.lines) + "\n")
+
+
 def example_job(example: str, toml: str) -> dict:
     """An example's job file as a dict, its data and weights paths pointing under bench/out."""
     raw = tomllib.loads((EXAMPLES / example / toml).read_text())
