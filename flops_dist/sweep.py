@@ -437,7 +437,8 @@ def _run_tune(sweep: Sweep, runs: list[Trial], shared: dict, progress) -> list[d
     trainable = tune.with_resources(tune.with_parameters(run_trial, trials=runs, eval_every=sweep.eval_every,
                                                          **shared), {"cpu": sweep.cpus_per_trial})
     tuner = tune.Tuner(trainable, param_space={"index": tune.grid_search(list(range(len(runs))))},
-                       tune_config=tune.TuneConfig(trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+                       tune_config=tune.TuneConfig(trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+                                                   reuse_actors=True),  # no actor start and stop per trial
                        run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", verbose=0,
                                                  storage_path=str((sweep.out_dir / "tune").resolve()),
                                                  callbacks=[collector]))
