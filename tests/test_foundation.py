@@ -75,6 +75,14 @@ def test_the_prompt_test_split_is_on_a_topic_that_train_and_validation_never_tou
         assert np.bincount(split["label"]).tolist() == [len(split["label"]) // 2] * 2  # balanced
 
 
+def test_tune_trains_a_grid_on_train_and_scores_it_on_validation(tweets):
+    out = run(str(tweets / "tune.py"), str(tweets / "prompt_code.toml"), "--lr", "1", "3", "--sigma", "0.01",
+              "--steps", "2", "--eval-every", "1", "--set", "train.batch_size=4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("  validation loss ") == 1 + 2 * 2  # zero-shot, then 2 steps × 2 grid points
+    assert "winner (lowest validation loss): learning_rate = " in out.stdout
+
+
 def test_alignment_learns_forward_only_through_the_cli(alignment, tmp_path):
     out = run("-m", "flops_dist.cli", "train", str(alignment / "alignment.toml"), "--set", "train.steps=30",
               "--set", "output.log_every=10", "--set", "metrics.port=-1",
