@@ -2,7 +2,7 @@
 for MiniLM, with a test set on a topic that no setting was chosen on.
 
     python examples/sentiment_prompt/prepare.py OUT_DIR [--train 512] [--validation 400]
-        [--test 280] [--seed 0]
+        [--test 280] [--test-in-topic 400] [--seed 0]
 
 Negative and positive tweets whose label has confidence 1 (flops_dist.apps.tweets), each given a
 topic by keywords (flops_dist.apps.tweets.TOPICS: a tweet matching one topic's keywords and no
@@ -13,11 +13,13 @@ measures whether the tuned prompt carries over to text it was not chosen on. App
 other topic whose labels are sentiment and that is large enough: the #DeflateGate tweets'
 "positive" marks agreement that the Patriots cheated (mostly angry tweets), so the zero-shot
 classifier scores 0.40 on a balanced set of them; the driverless-car tweets have 12 negatives.
-Apple's 143 positives cap the balanced test at 280 (140 of each label).
+Apple's 143 positives cap the balanced test at 280 (140 of each label). A second test set,
+test_in_topic, holds airline tweets that are in neither train nor validation: it measures what
+carries over to new tweets of the topic tuned on (evaluate.py scores it; the job files do not).
 
 Every split is balanced (half of each label, so accuracy is not flattered by the majority class),
 disjoint from the others, shuffled, and deterministic from the seed. Writes
-tweets_{train,validation,test}.parquet: `tokens` (32 MiniLM token ids, 0-padded), `label`
+tweets_{train,validation,test,test_in_topic}.parquet: `tokens` (32 MiniLM token ids, 0-padded), `label`
 (0 negative, 1 positive) and `text`.
 """
 import argparse
@@ -59,6 +61,7 @@ def main():
     parser.add_argument("--train", type=int, default=512)
     parser.add_argument("--validation", type=int, default=400)
     parser.add_argument("--test", type=int, default=280)
+    parser.add_argument("--test-in-topic", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
@@ -68,11 +71,15 @@ def main():
     train, validation = balanced_splits(labels, np.flatnonzero(topics == TUNING_TOPIC),
                                         [args.train, args.validation], rng)
     test, = balanced_splits(labels, np.flatnonzero(topics == TEST_TOPIC), [args.test], rng)
-    for name, idx in (("train", train), ("validation", validation), ("test", test)):
+    # drawn last, from the airline tweets left over, so that the other splits do not depend on it
+    left = np.setdiff1d(np.flatnonzero(topics == TUNING_TOPIC), np.concatenate([train, validation]))
+    test_in_topic, = balanced_splits(labels, left, [args.test_in_topic], rng)
+    for name, idx in (("train", train), ("validation", validation), ("test", test),
+                      ("test_in_topic", test_in_topic)):
         write(os.path.join(args.out_dir, f"tweets_{name}.parquet"), [texts[i] for i in idx], labels[idx])
     print(f"{len(texts)} tweets ({np.bincount(labels).tolist()} negative/positive); wrote "
           f"{len(train)} train and {len(validation)} validation ({TUNING_TOPIC}) and {len(test)} test "
-          f"({TEST_TOPIC}), balanced, to {args.out_dir}")
+          f"({TEST_TOPIC}) and {len(test_in_topic)} test_in_topic ({TUNING_TOPIC}), balanced, to {args.out_dir}")
 
 
 if __name__ == "__main__":
