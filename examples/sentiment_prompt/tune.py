@@ -8,8 +8,8 @@ Trains every (lr, σ) of the grid on the train split for the job's steps and pri
 loss and accuracy every --eval-every steps, then the grid at the last step and its winner: the
 lowest validation loss. Loss, not accuracy: on 400 tweets accuracy moves in steps of 0.0025 and
 its sampling error (about 0.02) is larger than the gaps between neighbouring grid points, while the
-cross-entropy uses every tweet's margin. Train and validation are airline tweets; the test split
-(another topic, prepare.py) is never read.
+cross-entropy uses every tweet's margin. Train and validation are airline tweets; the test splits
+(Apple tweets, and airline tweets in neither; prepare.py) are never read.
 """
 import argparse
 import itertools
