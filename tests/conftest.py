@@ -36,8 +36,10 @@ def _prepare(tmp_path_factory, example: str, *args: str):
 
 @pytest.fixture(scope="session")
 def tweets(tmp_path_factory):
-    """The prompt-tuning example with a small tokenized subset (32 train, 16 test tweets)."""
-    return _prepare(tmp_path_factory, "sentiment_prompt", "--train", "32", "--test", "16")
+    """The prompt-tuning example with a small tokenized subset (32 train and 16 validation airline
+    tweets, 16 test Apple tweets, 16 test_in_topic airline tweets)."""
+    return _prepare(tmp_path_factory, "sentiment_prompt", "--train", "32", "--validation", "16", "--test", "16",
+                    "--test-in-topic", "16")
 
 
 @pytest.fixture(scope="session")

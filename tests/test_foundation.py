@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from safetensors.numpy import load_file
 
@@ -11,6 +12,7 @@ from flops_dist.data import load_dataset
 from flops_dist.engine import Engine, LocalExecutor
 from flops_dist.replica import Replica, ReplicaSpec
 from flops_dist.runlog import read_log
+from flops_dist.apps.tweets import topic
 
 
 def run(*args, cwd=None):
@@ -50,6 +52,34 @@ def test_the_direct_soft_prompt_is_bit_identical_on_one_and_two_replicas(tweets)
     assert replicas[0].d == 6 * 384
     assert torch.equal(thetas[0], thetas[1])
     assert not torch.equal(thetas[0], prompt.build_soft_prompt().prompt.detach().reshape(-1))
+
+
+def test_a_tweet_has_a_topic_only_when_one_topics_keywords_match():
+    assert topic("@united lost my bag again") == "airlines"
+    assert topic("Thank you @Apple, the new iPhone is great") == "apple"
+    assert topic("Tom Brady says he did not deflate the balls") == "deflategate"
+    assert topic("@JetBlue left my iPad on the flight") is None  # two topics
+    assert topic("what a lovely day") is None
+
+
+def test_the_prompt_test_split_is_on_a_topic_that_train_and_validation_never_touch(tweets):
+    names = ("train", "validation", "test", "test_in_topic")
+    splits = {name: pq.read_table(tweets / "data" / f"tweets_{name}.parquet").to_pydict() for name in names}
+    texts = {name: set(split["text"]) for name, split in splits.items()}
+    assert [len(texts[name]) for name in names] == [32, 16, 16, 16]  # distinct tweets, none lost
+    assert sum(len(t) for t in texts.values()) == len(set.union(*texts.values()))  # disjoint
+    assert {topic(t) for t in texts["train"] | texts["validation"] | texts["test_in_topic"]} == {"airlines"}
+    assert {topic(t) for t in texts["test"]} == {"apple"}
+    for split in splits.values():
+        assert np.bincount(split["label"]).tolist() == [len(split["label"]) // 2] * 2  # balanced
+
+
+def test_tune_trains_a_grid_on_train_and_scores_it_on_validation(tweets):
+    out = run(str(tweets / "tune.py"), str(tweets / "prompt_code.toml"), "--lr", "1", "3", "--sigma", "0.01",
+              "--steps", "2", "--eval-every", "1", "--set", "train.batch_size=4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("  validation loss ") == 1 + 2 * 2  # zero-shot, then 2 steps × 2 grid points
+    assert "winner (lowest validation loss): learning_rate = " in out.stdout
 
 
 def test_alignment_learns_forward_only_through_the_cli(alignment, tmp_path):
