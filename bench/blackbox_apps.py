@@ -6,9 +6,9 @@
 Applications (their examples' configs, with a smaller budget so that the allocators have work):
 - alignment: examples/digits_alignment; W (384 × 16) learned forward-only; metric: retrieval
   accuracy on the 600 held-out digits. B = 32, A₀ = 4.
-- prompt: examples/sentiment_prompt, the 32-d prompt code; metric: accuracy on 200 of the 280
-  held-out balanced Apple tweets (it trains on airline tweets). B = 8, A₀ = 4 (every query is a
-  MiniLM forward, the costly case).
+- prompt: examples/sentiment_prompt, the 32-d prompt code; metric: accuracy on 200 of the 400
+  held-out balanced airline tweets (its test split). B = 8, A₀ = 4 (every query is a MiniLM
+  forward, the costly case).
 Every configuration spends exactly N = B·A₀ perturbed queries a step (neyman's pilot included; the
 clean forward at θ, which lr uses as its baseline and every allocator uses for its features, is
 the same for all and not counted). Allocators: uniform, bernoulli, neyman, flops; estimators: lr

