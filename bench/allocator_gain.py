@@ -178,21 +178,21 @@ def measured_ratio(problem, space, snapshot, t, state, batches, reps):
     return errors["flops"] / errors["uniform"]
 
 
-def plot(path, curves, gains, every, budget, lrs):
+def plot(path, results, budget, every):
     import matplotlib
     import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
-    for row, space in enumerate(SPACES):
+    for row, (space, r) in enumerate(results.items()):
         for col, name in enumerate(("training loss", "held-out loss")):
             ax = axes[row, col]
             for allocator in ALLOCATORS:
-                c = curves[space][allocator][:, :, col]
+                c = r["curves"][allocator][:, :, col]
                 queries = np.arange(c.shape[1]) * every * budget
-                ax.plot(queries, c.mean(0), label=f"{allocator}, lr {lrs[space, allocator]:g}")
+                ax.plot(queries, c.mean(0), label=f"{allocator}, lr {r['lrs'][allocator]:g}")
                 ax.fill_between(queries, c.min(0), c.max(0), alpha=0.15)
-            ax.axhline(gains[space][col][0], color="gray", lw=0.7, ls="--", label="target")
+            ax.axhline(r["gains"][col][0], color="gray", lw=0.7, ls="--", label="target")
             ax.set(title=f"{space} space: {name}", yscale="log", ylabel=f"{name} (mean, min-max of seeds)")
             ax.legend(fontsize=8)
     for ax in axes[1]:
@@ -200,6 +200,82 @@ def plot(path, curves, gains, every, budget, lrs):
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:.0f}k"))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+class Sizes:
+    """How much each part measures (--smoke makes every part tiny)."""
+
+    def __init__(self, args):
+        self.seeds, self.steps, self.every = args.seeds, args.steps, args.every
+        self.grid = [float(x) for x in args.lrs.split(",")]
+        self.oracle_batches, self.oracle_reps, self.error_reps = (1, 1, 2) if args.smoke else (4, 4, 8)
+        self.checkpoints = sorted({round(self.steps * k / 4) for k in range(5)})
+
+
+def tune_rate(problem, space, allocator, sizes, progress):
+    """The grid's rate with the lowest training loss over the last quarter of a tuning-seed run."""
+    tail = {}
+    for lr in sizes.grid:
+        curves = train(problem, problem.config(space, allocator, lr, TUNING_SEED, sizes.steps), sizes.every)["curves"]
+        tail[lr] = curves[-(len(curves) // 4 or 1):, 0].mean()
+    progress(f"{space} {allocator}: tuning-seed loss " + ", ".join(f"lr {lr:g} {v:.4f}" for lr, v in tail.items()))
+    return min(sizes.grid, key=tail.get), tail
+
+
+def measure_space(problem, space, sizes, budget, batches, progress) -> dict:
+    """Tuned rates, every seed's curves, the gains, and the oracle bound and flops' measured error
+    at uniform seed 0's checkpoints, for one noise space."""
+    tuned = {a: tune_rate(problem, space, a, sizes, progress) for a in ALLOCATORS}
+    runs = {(a, s): train(problem, problem.config(space, a, tuned[a][0], s, sizes.steps), sizes.every,
+                          sizes.checkpoints if s == 0 else ())
+            for a in ALLOCATORS for s in range(sizes.seeds)}
+    curves = {a: np.stack([runs[a, s]["curves"] for s in range(sizes.seeds)]) for a in ALLOCATORS}
+    uniform0, flops0 = runs["uniform", 0], runs["flops", 0]
+    bounds = [oracle_bound(problem, space, uniform0["snapshots"][t], t, batches, sizes.oracle_reps)
+              for t in sizes.checkpoints]
+    measured = [measured_ratio(problem, space, uniform0["snapshots"][t], t, flops0["states"][t], batches,
+                               sizes.error_reps) for t in sizes.checkpoints]
+    progress(f"{space}: seeds trained, oracle {np.round(bounds, 3)}, flops measured {np.round(measured, 3)}")
+    return dict(lrs={a: tuned[a][0] for a in ALLOCATORS}, tuning={a: tuned[a][1] for a in ALLOCATORS},
+                curves=curves, gains=gain(curves, sizes.every, budget), bounds=bounds, measured=measured)
+
+
+def report_tables(emit, problem, results, sizes, budget) -> None:
+    known, every_digit = problem.known_accuracy()
+    d = problem.replica(problem.config("weights", "uniform")).d
+    emit(f"digits TinyViT trained by backprop on digits 0-{KNOWN_DIGITS - 1} (held-out accuracy {known:.3f} on "
+         f"those, {every_digit:.3f} on all ten); its last block's Linear layers and head (d = {d:,}) "
+         f"fine-tuned forward-only on all ten")
+    emit(f"B = 32, A0 = 8 ({budget} queries/step), A_min = 2, lr estimator, {sizes.steps} steps, seeds "
+         f"0..{sizes.seeds - 1}; learning rates from {sizes.grid} picked on seed {TUNING_SEED}; losses on the "
+         f"whole training set (1,197) and held-out set (600) every {sizes.every} steps")
+    emit()
+    emit(f"{'space':8s}{'allocator':10s}{'lr':>7s}{'final train':>13s}{'final held-out':>16s}"
+         f"{'q to train':>12s}{'q to held-out':>15s}")
+    for space, r in results.items():
+        for allocator in ALLOCATORS:
+            c, q = r["curves"][allocator], [g[1][allocator] for g in r["gains"]]
+            emit(f"{space:8s}{allocator:10s}{r['lrs'][allocator]:>7g}{c[:, -TAIL:, 0].mean():>13.4f}"
+                 f"{c[:, -TAIL:, 1].mean():>16.4f}" + "".join(f"{v if v is not None else 'never':>{w}}"
+                                                             for v, w in zip(q, (12, 15))))
+    emit()
+    emit("flops / uniform queries to uniform's final loss (seed-mean curves; 90% interval over resampled seeds);")
+    emit("oracle bound: V(A*)/V(uniform) on measured c_j at uniform's θ, mean over checkpoints; flops measured:")
+    emit("its gradient error over uniform's at the same θ and batches")
+    emit(f"{'space':8s}{'train target':>14s}{'ratio':>8s}{'interval':>16s}{'held-out target':>17s}{'ratio':>8s}"
+         f"{'interval':>16s}{'oracle':>8s}{'flops measured':>16s}")
+    for space, r in results.items():
+        (t_train, _, r_train), (t_test, _, r_test) = r["gains"]
+        (lo_train, hi_train), (lo_test, hi_test) = seed_interval(r["curves"], sizes.every, budget)
+        emit(f"{space:8s}{t_train:>14.4f}{r_train:>8.2f}{f'{lo_train:.2f}-{hi_train:.2f}':>16s}{t_test:>17.4f}"
+             f"{r_test:>8.2f}{f'{lo_test:.2f}-{hi_test:.2f}':>16s}{np.mean(r['bounds']):>8.3f}"
+             f"{np.mean(r['measured']):>16.3f}")
+    emit(f"per checkpoint {sizes.checkpoints}: " + "; ".join(
+        f"{space} oracle {' '.join(f'{v:.2f}' for v in r['bounds'])}, flops measured "
+        f"{' '.join(f'{v:.2f}' for v in r['measured'])}" for space, r in results.items()))
+    emit("tuning seed, training loss over the last quarter: " + "; ".join(
+        f"{space} {a}: " + " ".join(f"{lr:g}→{v:.4f}" for lr, v in r["tuning"][a].items())
+        for space, r in results.items() for a in ALLOCATORS))
 
 
 def main():
@@ -210,87 +286,24 @@ def main():
     parser.add_argument("--lrs", default="0.003,0.01,0.03,0.1", help="SGD learning rates tried per method")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: proves the bench still runs")
     args = parser.parse_args()
-    oracle_batches, oracle_reps, error_reps = 4, 4, 8
     if args.smoke:
         args.seeds, args.steps, args.every, args.lrs = 1, 20, 5, "0.01"
-        oracle_batches, oracle_reps, error_reps = 1, 1, 2
+    sizes = Sizes(args)
     torch.set_num_threads(1)  # small ops on a shared machine: more threads are slower
     out = fresh_dir("allocator_gain")
     report = Report()
-    emit, progress = report.emit, report.progress
-
-    progress(f"writing to {out}")
+    report.progress(f"writing to {out}")
     problem = Problem(out)
-    known, every_digit = problem.known_accuracy()
-    grid = [float(x) for x in args.lrs.split(",")]
     budget = problem.config("weights", "uniform").train.batch_size * 8
-    checkpoints = sorted({round(args.steps * k / 4) for k in range(5)})
     pick = np.random.default_rng(12345)
-    batches = [pick.choice(len(problem.train), 32, replace=False) for _ in range(oracle_batches)]
-
-    lrs, curves, gains, bounds, measured, tuning = {}, {}, {}, {}, {}, {}
-    for space in SPACES:
-        for allocator in ALLOCATORS:
-            tail = {}
-            for lr in grid:
-                run = train(problem, problem.config(space, allocator, lr, TUNING_SEED, args.steps), args.every)
-                tail[lr] = run["curves"][-(len(run["curves"]) // 4 or 1):, 0].mean()
-            lrs[space, allocator] = min(grid, key=tail.get)
-            tuning[space, allocator] = tail
-            progress(f"{space} {allocator}: tuning-seed loss " +
-                     ", ".join(f"lr {lr:g} {v:.4f}" for lr, v in tail.items()))
-        runs = {(a, s): train(problem, problem.config(space, a, lrs[space, a], s, args.steps), args.every,
-                              checkpoints if s == 0 else ())
-                for a in ALLOCATORS for s in range(args.seeds)}
-        curves[space] = {a: np.stack([runs[a, s]["curves"] for s in range(args.seeds)]) for a in ALLOCATORS}
-        gains[space] = gain(curves[space], args.every, budget)
-        uniform0, flops0 = runs["uniform", 0], runs["flops", 0]
-        bounds[space] = [oracle_bound(problem, space, uniform0["snapshots"][t], t, batches, oracle_reps)
-                         for t in checkpoints]
-        measured[space] = [measured_ratio(problem, space, uniform0["snapshots"][t], t, flops0["states"][t],
-                                          batches, error_reps) for t in checkpoints]
-        progress(f"{space}: seeds trained, oracle {np.round(bounds[space], 3)}, "
-                 f"flops measured {np.round(measured[space], 3)}")
-
-    d = problem.replica(problem.config("weights", "uniform")).d
-    emit(f"digits TinyViT trained by backprop on digits 0-{KNOWN_DIGITS - 1} (held-out accuracy {known:.3f} on "
-         f"those, {every_digit:.3f} on all ten); its last block's Linear layers and head (d = {d:,}) "
-         f"fine-tuned forward-only on all ten")
-    emit(f"B = 32, A0 = 8 ({budget} queries/step), A_min = 2, lr estimator, {args.steps} steps, seeds "
-         f"0..{args.seeds - 1}; learning rates from {grid} picked on seed {TUNING_SEED}; losses on the whole "
-         f"training set (1,197) and held-out set (600) every {args.every} steps")
-    emit()
-    emit(f"{'space':8s}{'allocator':10s}{'lr':>7s}{'final train':>13s}{'final held-out':>16s}"
-         f"{'q to train':>12s}{'q to held-out':>15s}")
-    for space in SPACES:
-        for allocator in ALLOCATORS:
-            c = curves[space][allocator]
-            q = [g[1][allocator] for g in gains[space]]
-            emit(f"{space:8s}{allocator:10s}{lrs[space, allocator]:>7g}{c[:, -TAIL:, 0].mean():>13.4f}"
-                 f"{c[:, -TAIL:, 1].mean():>16.4f}" + "".join(f"{v if v is not None else 'never':>{w}}"
-                                                             for v, w in zip(q, (12, 15))))
-    emit()
-    emit("flops / uniform queries to uniform's final loss (seed-mean curves; 90% interval over resampled seeds);")
-    emit("oracle bound: V(A*)/V(uniform) on measured c_j at uniform's θ, mean over checkpoints; flops measured:")
-    emit("its gradient error over uniform's at the same θ and batches")
-    emit(f"{'space':8s}{'train target':>14s}{'ratio':>8s}{'interval':>16s}{'held-out target':>17s}{'ratio':>8s}"
-         f"{'interval':>16s}{'oracle':>8s}{'flops measured':>16s}")
-    for space in SPACES:
-        (t_train, _, r_train), (t_test, _, r_test) = gains[space]
-        (lo_train, hi_train), (lo_test, hi_test) = seed_interval(curves[space], args.every, budget)
-        emit(f"{space:8s}{t_train:>14.4f}{r_train:>8.2f}{f'{lo_train:.2f}-{hi_train:.2f}':>16s}{t_test:>17.4f}"
-             f"{r_test:>8.2f}{f'{lo_test:.2f}-{hi_test:.2f}':>16s}{np.mean(bounds[space]):>8.3f}"
-             f"{np.mean(measured[space]):>16.3f}")
-    emit("per checkpoint " + str(checkpoints) + ": " + "; ".join(
-        f"{space} oracle {' '.join(f'{v:.2f}' for v in bounds[space])}, flops measured "
-        f"{' '.join(f'{v:.2f}' for v in measured[space])}" for space in SPACES))
-    emit("tuning seed, training loss over the last quarter: " + "; ".join(
-        f"{s} {a}: " + " ".join(f"{lr:g}→{v:.4f}" for lr, v in tuning[s, a].items()) for s, a in tuning))
-    emit(f"runtime {time.perf_counter() - report.began:.0f} s")
-    plot(out / "allocator_gain.png", curves, gains, args.every, budget, lrs)
-    ratio = np.nanmax([gains[space][0][2] for space in SPACES])
-    bound = max(np.mean(bounds[space]) for space in SPACES)
-    emit(f"flops / uniform queries to target: {ratio:.2f} (oracle bound {bound:.2f})")
+    batches = [pick.choice(len(problem.train), 32, replace=False) for _ in range(sizes.oracle_batches)]
+    results = {space: measure_space(problem, space, sizes, budget, batches, report.progress) for space in SPACES}
+    report_tables(report.emit, problem, results, sizes, budget)
+    report.emit(f"runtime {time.perf_counter() - report.began:.0f} s")
+    plot(out / "allocator_gain.png", results, budget, sizes.every)
+    ratio = np.nanmax([r["gains"][0][2] for r in results.values()])
+    bound = max(np.mean(r["bounds"]) for r in results.values())
+    report.emit(f"flops / uniform queries to target: {ratio:.2f} (oracle bound {bound:.2f})")
     report.write(out / "allocator_gain.txt")
 
 

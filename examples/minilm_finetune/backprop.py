@@ -17,7 +17,8 @@ import torch
 
 from flops_dist.config import Config
 from flops_dist.targets import Target
-from evaluate import load_split, score  # noqa: E402 (the example dir is on sys.path when run as a script)
+from flops_dist.apps.minilm import classification_score
+from evaluate import load_split  # noqa: E402 (the example dir is on sys.path when run as a script)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -37,7 +38,7 @@ def make_optimizer(kind: str, params, lr: float) -> torch.optim.Optimizer:
 def report(model, splits, step, examples, seconds) -> None:
     model.eval()
     parts = [f"{name} loss {loss:.4f} accuracy {acc:.4f}"
-             for name, (loss, acc) in ((name, score(model, *data)) for name, data in splits.items())]
+             for name, (loss, acc) in ((name, classification_score(model, *data)) for name, data in splits.items())]
     print(f"step {step:5d}  examples {examples:6d}  {seconds:6.0f} s  " + "  ".join(parts), flush=True)
 
 

@@ -13,6 +13,8 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file
 
+from flops_dist.apps.minilm import classification_score
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from model import build_model  # noqa: E402
@@ -21,18 +23,6 @@ from model import build_model  # noqa: E402
 def load_split(path: str) -> tuple[torch.Tensor, torch.Tensor]:
     table = pq.read_table(path, columns=["tokens", "label"]).to_pydict()
     return torch.tensor(table["tokens"]), torch.tensor(table["label"])
-
-
-@torch.no_grad()
-def score(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, chunk: int = 200):
-    """Mean cross-entropy and accuracy over a split, in fixed chunks."""
-    loss, correct = 0.0, 0
-    for start in range(0, len(labels), chunk):
-        logits = model(ids[start:start + chunk])
-        y = labels[start:start + chunk]
-        loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(-1) == y).sum())
-    return loss / len(labels), correct / len(labels)
 
 
 def main():
@@ -44,11 +34,11 @@ def main():
     torch.set_num_threads(1)
     ids, labels = load_split(os.path.join(args.data, f"{args.split}.parquet"))
     model = build_model()
-    loss, acc = score(model, ids, labels)
+    loss, acc = classification_score(model, ids, labels)
     print(f"zero-shot: {args.split} loss {loss:.4f}, accuracy {acc:.4f}")
     for run_dir in args.run_dirs:
         model.load_state_dict(load_file(os.path.join(run_dir, "model.safetensors")))
-        loss, acc = score(model, ids, labels)
+        loss, acc = classification_score(model, ids, labels)
         print(f"{run_dir}: {args.split} loss {loss:.4f}, accuracy {acc:.4f}")
 
 

@@ -20,7 +20,8 @@ from flops_dist.data import load_dataset
 from flops_dist.engine import Engine, LocalExecutor
 from flops_dist.loading import build_model, load_callable
 from flops_dist.replica import Replica, ReplicaSpec
-from evaluate import load_split, score
+from flops_dist.apps.minilm import classification_score
+from evaluate import load_split
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -33,7 +34,7 @@ def run(cfg: Config, validation, steps: int, eval_every: int, label: str) -> Non
     began = time.perf_counter()
     for t in range(steps + 1):
         if t % eval_every == 0:
-            loss, acc = score(lambda ids: replica.forward.call(replica.theta, ids), *validation)
+            loss, acc = classification_score(lambda ids: replica.forward.call(replica.theta, ids), *validation)
             print(f"{label}  step {t:5d}  validation loss {loss:.4f}  accuracy {acc:.4f}  "
                   f"{time.perf_counter() - began:6.0f} s", flush=True)
         if t < steps:

@@ -15,21 +15,16 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file
 
+from flops_dist.apps.minilm import classification_score
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import prompt  # noqa: E402
 
 
-@torch.no_grad()
-def score(target: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, chunk: int = 100):
+def score(target: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of the prompted classifier over a split."""
-    loss, correct = 0.0, 0
-    for start in range(0, len(labels), chunk):
-        x, y = ids[start:start + chunk], labels[start:start + chunk]
-        logits = prompt.loss.scores(target(x), x)
-        loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(-1) == y).sum())
-    return loss / len(labels), correct / len(labels)
+    return classification_score(lambda x: prompt.loss.scores(target(x), x), ids, labels, chunk=100)
 
 
 def main():

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from flops_dist.apps.minilm import classification_score
 from flops_dist.config import Config
 from flops_dist.data import ArrayDataset, load_dataset
 from flops_dist.engine import Engine, LocalExecutor
@@ -28,17 +29,12 @@ from flops_dist.replica import NonFiniteUpdate, Replica, ReplicaSpec
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@torch.no_grad()
-def score(replica: Replica, data: ArrayDataset, chunk: int = 100) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy at θ over a split, from one forward pass per chunk."""
-    loss, correct = 0.0, 0
-    for start in range(0, len(data), chunk):
-        x = replica.inputs.new_tensor(data.inputs[start:start + chunk])
-        y = replica.labels.new_tensor(data.labels[start:start + chunk])
-        logits = replica.forward.scores(replica.forward.call(replica.theta, x), x)
-        loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(-1) == y).sum())
-    return loss / len(data), correct / len(data)
+def score(replica: Replica, data: ArrayDataset) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy at θ over a split."""
+    def logits_of(x):
+        return replica.forward.scores(replica.forward.call(replica.theta, x), x)
+    return classification_score(logits_of, replica.inputs.new_tensor(data.inputs),
+                                replica.labels.new_tensor(data.labels), chunk=100)
 
 
 def run(cfg: Config, validation: ArrayDataset, eval_every: int, label: str) -> tuple[float, float]:

@@ -39,6 +39,18 @@ def tokenizer():
     return Tokenizer.from_file(str(model_dir() / "tokenizer.json"))
 
 
+@torch.no_grad()
+def classification_score(logits_of, ids: torch.Tensor, labels: torch.Tensor, chunk: int = 200) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of `logits_of(ids)` over a labelled split, in fixed chunks
+    (the examples' held-out and validation scores)."""
+    loss, correct = 0.0, 0
+    for start in range(0, len(labels), chunk):
+        logits, y = logits_of(ids[start:start + chunk]), labels[start:start + chunk]
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(-1) == y).sum())
+    return loss / len(labels), correct / len(labels)
+
+
 def tokenize(texts: list[str], max_length: int) -> np.ndarray:
     """Token ids [n, max_length]: [CLS] text [SEP], truncated, right-padded with 0."""
     tok = tokenizer()
