@@ -42,6 +42,23 @@ def test_blockwise_update_equals_adding_whole_noise_vectors(kind):
     assert torch.equal(accumulate(torch.zeros(d), seeds, coefficients, kind), expected)
 
 
+@pytest.mark.parametrize("width", [1, 2, 3, 330, 4097])
+def test_the_update_adds_its_terms_in_message_order(width):
+    """ĝ's bits are those of adding c_s·u_s one by one, onto what the vector held, at any width:
+    with coefficients spread over eight orders of magnitude, any other order of the sum (pairwise,
+    a matrix product) changes the last bits."""
+    rng = np.random.default_rng(width)
+    seeds = rng.integers(0, 2**62, 300)
+    coefficients = torch.tensor(rng.standard_normal(300) * 10.0**rng.integers(-6, 3, 300), dtype=torch.float32)
+    start = torch.tensor(rng.standard_normal(width), dtype=torch.float32)
+    one_by_one = start.clone()
+    for seed, c in zip(seeds, coefficients.tolist()):
+        one_by_one.add_(noise_batch([seed], width, "rademacher", 77)[0], alpha=c)
+    assert torch.equal(accumulate(start.clone(), seeds, coefficients.tolist(), "rademacher", 77), one_by_one)
+    reordered = start + coefficients @ noise_batch(seeds, width, "rademacher", 77)
+    assert width < 4 or not torch.equal(reordered, one_by_one)  # the test can tell orders apart
+
+
 def tower_run(frozen_prefix, replicas=1, steps=4, leak=False, **train):
     cfg = TrainConfig(steps=steps, batch_size=24, sigma=0.01, learning_rate=0.1, chunk_size=8, **train)
     spec = ReplicaSpec(include=["head"], sigma=cfg.sigma, noise=cfg.noise, optimizer=cfg.optimizer_config(),
