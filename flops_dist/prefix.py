@@ -7,6 +7,11 @@ each prefix module's `forward` for a lookup of its cached output while it runs (
 its parameters are untouched). A module is kept only if it is called once per forward, its output is
 a batch-first tensor or a structure of them, and that output stays bit-identical when the target
 is perturbed (checked once, at start).
+
+A prefix output that the network's output does not depend on (in a ViT whose last prefix module is
+the final norm, the blocks' outputs are only computed on and dropped) is dead: found at start by
+replacing it with NaN and with other numbers, it is kept for one example only and replayed to every
+query as that one, so a query neither gathers it nor computes on it row by row.
 """
 from __future__ import annotations
 
@@ -57,8 +62,8 @@ class FrozenPrefix:
     forward; `cache(chunks)` joins them into per-example tensors; `replay(values)` runs a forward
     with those outputs in place of the modules' work."""
 
-    def __init__(self, model: nn.Module, names: list[str]):
-        self.model, self.names = model, list(names)
+    def __init__(self, model: nn.Module, names: list[str], dead: set[str] = frozenset()):
+        self.model, self.names, self.dead = model, list(names), set(dead)
         self.modules = {n: model.get_submodule(n) for n in self.names}
 
     @classmethod
@@ -72,7 +77,29 @@ class FrozenPrefix:
         _, moved = _watch(model, run_perturbed)
         names = [n for n in names if n in moved and _same(clean[n], moved[n])]
         outermost = [n for n in names if not any(n.startswith(p + ".") for p in names)]
-        return cls(model, outermost) if outermost else None
+        if not outermost:
+            return None
+        prefix = cls(model, outermost)
+        prefix.dead = prefix._dead_outputs(run_clean, {n: clean[n] for n in outermost})
+        return prefix
+
+    def _dead_outputs(self, run, values: dict[str, object]) -> set[str]:
+        """The prefix modules whose outputs the network's output does not depend on: replaced by
+        NaN, or by other finite numbers, each leaves the output bit-identical."""
+        with self.replay(values):
+            reference = run()
+        dead = set()
+        for name in self.names:
+            floats = all(torch.is_tensor(v) and v.is_floating_point() for v in pytree.tree_leaves(values[name]))
+            stand_ins = (lambda v: torch.full_like(v, float("nan")), lambda v: 2 * v + 1)
+            if floats and all(self._same_output(run, {**values, name: pytree.tree_map(f, values[name])}, reference)
+                              for f in stand_ins):
+                dead.add(name)
+        return dead
+
+    def _same_output(self, run, values, reference) -> bool:
+        with self.replay(values):
+            return _same(run(), reference)
 
     @contextlib.contextmanager
     def capture(self, store: list):
@@ -88,12 +115,22 @@ class FrozenPrefix:
         store.append(current)
 
     def cache(self, captured: list[dict]) -> dict[str, object]:
-        """Per-module outputs of several forwards joined along the batch dimension."""
-        return {n: pytree.tree_map(lambda *parts: torch.cat(parts), *[c[n] for c in captured]) for n in self.names}
+        """Per-module outputs of several forwards joined along the batch dimension (a dead one:
+        its first example's)."""
+        return {n: pytree.tree_map(lambda v: v[:1], captured[0][n]) if n in self.dead else
+                pytree.tree_map(lambda *parts: torch.cat(parts), *[c[n] for c in captured]) for n in self.names}
 
-    @staticmethod
-    def take(values: dict[str, object], examples: torch.Tensor) -> dict[str, object]:
-        return pytree.tree_map(lambda v: v[examples], values)
+    def take(self, values: dict[str, object], examples: torch.Tensor) -> dict[str, object]:
+        """The held outputs of these batch positions; a dead one's single row, broadcast to them."""
+        rows = len(examples)
+        return {n: pytree.tree_map(lambda v: v.expand(rows, *v.shape[1:]) if n in self.dead else v[examples], v)
+                for n, v in values.items()}
+
+    def take_live(self, values: dict[str, object], examples: torch.Tensor) -> tuple[dict, dict]:
+        """For vmap: the live outputs of these positions, one per row, and the dead ones' [1, ...]
+        rows, which a vmapped query gets unbatched."""
+        return ({n: pytree.tree_map(lambda v: v[examples], v) for n, v in values.items() if n not in self.dead},
+                {n: v for n, v in values.items() if n in self.dead})
 
     @contextlib.contextmanager
     def replay(self, values: dict[str, object]):

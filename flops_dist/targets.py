@@ -173,7 +173,7 @@ class PerturbedForward:
     def _run(self, params, inputs, examples):
         if self.prefix_values is None or examples is None:
             return self._call(params, inputs)
-        with self.prefix.replay(FrozenPrefix.take(self.prefix_values, examples)):
+        with self.prefix.replay(self.prefix.take(self.prefix_values, examples)):
             return self._call(params, inputs)
 
     @torch.no_grad()
@@ -199,10 +199,12 @@ class PerturbedForward:
         if self.prefix_values is None or examples is None:
             outputs = vmap(lambda p, x: self._call(p, x.unsqueeze(0))[0])(params, inputs)
         else:
-            outputs = vmap(self._one_tail)(params, inputs, FrozenPrefix.take(self.prefix_values, examples))
+            live, dead = self.prefix.take_live(self.prefix_values, examples)
+            outputs = vmap(lambda p, x, v: self._one_tail(p, x, v, dead))(params, inputs, live)
         return self.losses(outputs, inputs, labels)[0].float()
 
-    def _one_tail(self, params, x, values):
-        """One query under vmap: the tail of the network on one example's prefix outputs."""
-        with self.prefix.replay(pytree.tree_map(lambda v: v.unsqueeze(0), values)):
+    def _one_tail(self, params, x, live, dead):
+        """One query under vmap: the tail of the network on one example's prefix outputs (the dead
+        ones, unbatched, are the same for every query)."""
+        with self.prefix.replay({**pytree.tree_map(lambda v: v.unsqueeze(0), live), **dead}):
             return self._call(params, x.unsqueeze(0))[0]

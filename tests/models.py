@@ -155,3 +155,25 @@ def build_tower(leak: bool = False) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return Tower(leak)
+
+
+class Chain(nn.Module):
+    """Modules one after another, with glue (a scale, a mean) between them, like the digits ViT: when
+    the last frozen module is replayed, the earlier ones' outputs are computed on and then dropped."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(10, 16)
+        self.body = nn.Sequential(nn.Linear(16, 16), nn.GELU())
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.body(2.0 * self.embed(x).unsqueeze(-2)).mean(-2)
+        return self.head(self.norm(h))
+
+
+def build_chain(leak: bool = False) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return Chain()

@@ -10,7 +10,7 @@ from flops_dist.engine import Engine, LocalExecutor
 from flops_dist.noise import BLOCK, accumulate, noise_batch
 from flops_dist.replica import Replica, ReplicaSpec
 from flops_dist.targets import Target
-from models import blobs, build_tower, cross_entropy
+from models import blobs, build_chain, build_tower, cross_entropy
 
 
 def wide_model() -> nn.Module:
@@ -59,12 +59,12 @@ def test_the_update_adds_its_terms_in_message_order(width):
     assert width < 4 or not torch.equal(reordered, one_by_one)  # the test can tell orders apart
 
 
-def tower_run(frozen_prefix, replicas=1, steps=4, leak=False, **train):
+def tower_run(frozen_prefix, replicas=1, steps=4, leak=False, build=build_tower, **train):
     cfg = TrainConfig(steps=steps, batch_size=24, sigma=0.01, learning_rate=0.1, chunk_size=8, **train)
     spec = ReplicaSpec(include=["head"], sigma=cfg.sigma, noise=cfg.noise, optimizer=cfg.optimizer_config(),
                        frozen_prefix=frozen_prefix)
     data = blobs()
-    reps = [Replica(build_tower(leak), cross_entropy, data, spec) for _ in range(replicas)]
+    reps = [Replica(build(leak), cross_entropy, data, spec) for _ in range(replicas)]
     engine = Engine(cfg, LocalExecutor(reps), data, reps[0].d)
     for t in range(steps):
         engine.step(t)
@@ -93,6 +93,24 @@ def test_prefix_reuse_gives_the_bits_of_the_whole_network(train):
     assert reused[0].forward.prefix is not None
     assert {r.hash() for r in reused} == {whole.hash()}
     assert {r.hash() for r in tower_run("auto", leak=True, **train)} == {tower_run("off", leak=True, **train)[0].hash()}
+
+
+def test_prefix_outputs_the_output_does_not_depend_on_are_found_dead():
+    """In a chain whose last frozen module is replayed, the earlier outputs are dead: a query gets
+    them for one example only. In the tower, the residual sums carry every block's output on."""
+    chain = tower_run("auto", steps=0, build=build_chain)[0].forward.prefix
+    assert chain.names == ["embed", "body", "norm"] and chain.dead == {"embed", "body"}
+    assert tower_run("auto", steps=0)[0].forward.prefix.dead == set()
+
+
+@pytest.mark.parametrize("train", [dict(allocator="flops"), dict(allocator="uniform", pairing="shared")],
+                         ids=lambda c: "-".join(c.values()))
+def test_dead_prefix_outputs_replayed_as_one_example_give_the_bits_of_the_whole_network(train):
+    whole = tower_run("off", build=build_chain, **train)[0]
+    reused = tower_run("auto", replicas=2, build=build_chain, **train)
+    assert {r.hash() for r in reused} == {whole.hash()}
+    held = reused[0].forward.prefix_values
+    assert held["embed"].shape[0] == 1 and held["norm"].shape[0] > 1  # the dead kept for one example
 
 
 def test_a_boundary_that_is_not_a_module_is_refused():
