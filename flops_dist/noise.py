@@ -126,7 +126,7 @@ def accumulate(out: torch.Tensor, seeds, coefficients, kind: str = "rademacher",
         part = out[start:stop]
         for s0 in range(0, len(seeds), per):
             rows = noise_batch(seeds[s0:s0 + per], stop - start, kind, offset + start, out.device)
-            if kind == "rademacher" and out.device.type == "cpu" and stop - start >= 2:
+            if kind == "rademacher" and out.device.type == "cpu" and len(rows) > 1 and stop - start > 1:
                 _add_signed_rows(part, rows, coefficients[s0:s0 + per])
                 continue
             for row, c in zip(rows, coefficients[s0:s0 + per]):
@@ -135,12 +135,13 @@ def accumulate(out: torch.Tensor, seeds, coefficients, kind: str = "rademacher",
 
 
 def _add_signed_rows(part: torch.Tensor, rows: torch.Tensor, coefficients: list[float]) -> None:
-    """part += Σ c_s·row_s in order, for ±1 rows: c_s·row_s is exact, so numpy's sum down axis 0
-    (one row after another at every element; its pairwise summation only runs along a contiguous
-    reduced axis, which a row of two or more elements is not) gives the loop's bits, in one call."""
-    terms = np.empty((len(rows) + 1, part.numel()), np.float32)
-    terms[0] = part.numpy()
-    np.multiply(np.asarray(coefficients, np.float32)[:, None], rows.numpy(), out=terms[1:])
+    """part += Σ c_s·row_s in order, for ±1 rows (made here, so they are overwritten): c_s·row_s is
+    exact, and numpy sums down axis 0 one row after another at every element (its pairwise summation
+    only runs along a contiguous reduced axis, which a row of two or more elements is not), so
+    folding `part` into the first row gives the loop's bits, in two calls and one row of memory."""
+    terms = rows.numpy()
+    np.multiply(np.asarray(coefficients, np.float32)[:, None], terms, out=terms)
+    terms[0] += part.numpy()
     part.copy_(torch.from_numpy(np.add.reduce(terms, axis=0)))
 
 

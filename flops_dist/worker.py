@@ -17,16 +17,16 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (mall
 
 
 def keep_freed_memory() -> None:
-    """By default glibc gives a freed block of a few MB back to the kernel, so every chunk's noise
-    and perturbed parameters were page-faulted in afresh: about half the time of making them on the
-    main job (measured). The worker's process is ours, so it keeps blocks up to 16 MB for reuse, and
-    its peak resident memory, which counts pages in use, stays what it was."""
+    """By default glibc hands a freed block of a few MB back to the kernel, so each chunk's noise and
+    perturbed parameters were page-faulted in afresh: about half the time of making them on the main
+    job (measured). The worker's process is ours: it keeps blocks under 4 MB, and up to 32 MB of free
+    heap, for reuse. Larger blocks, such as a large target's noise blocks, still come and go whole."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return  # not glibc: its allocator is left as it is
-    libc.mallopt(M_MMAP_THRESHOLD, 16 << 20)
-    libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
+    libc.mallopt(M_MMAP_THRESHOLD, 4 << 20)
+    libc.mallopt(M_TRIM_THRESHOLD, 32 << 20)
 
 
 class Worker:
