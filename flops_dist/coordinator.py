@@ -129,7 +129,7 @@ class RayExecutor(Executor):
         raise AllWorkersLost(f"every worker has died; none is left for {method}")
 
     def queue_update(self, msg) -> None:
-        self.queued = msg
+        self.queued = msg.to_send()
 
     def flush(self) -> None:
         """Send the queued update to every worker now; a dead worker is dropped at its next call."""

@@ -77,7 +77,7 @@ class Executor(abc.ABC):
         if self.prefix_reuse and len(chunks):  # a chunk needs the clean rows of its first example
             per_chunk, holder = self.clean_owner
             groups = (chunks.examples[:, 0] // per_chunk, holder, float(per_chunk))
-        self._scatter("evaluate", chunk_costs(chunks, self.noise_cost), lambda items: (chunks.take(items),), store,
+        self._scatter("evaluate", chunk_costs(chunks, self.noise_cost), lambda items: (chunks.to_send(items),), store,
                       groups=groups)
         return losses
 

@@ -73,7 +73,9 @@ def _rademacher_numpy(seeds: np.ndarray, numel: int, offset: int) -> torch.Tenso
     w = _words_numpy(seeds, np.arange(first, last + 1)).astype("<u4")  # explicit byte order
     bits = np.unpackbits(w.view(np.uint8), axis=1, bitorder="little")  # bit i of word k at 32k + i
     start = offset - 32 * first
-    return torch.from_numpy(1.0 - 2.0 * bits[:, start:start + numel].astype(np.float32))
+    signs = np.multiply(bits[:, start:start + numel], np.float32(-2), dtype=np.float32)  # bit 1 -> -2
+    signs += np.float32(1)  # in place: one array made, not three
+    return torch.from_numpy(signs)
 
 
 def _rademacher_torch(seeds: np.ndarray, numel: int, offset: int, device: torch.device) -> torch.Tensor:

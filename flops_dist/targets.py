@@ -62,7 +62,7 @@ class Target:
         block of one parameter tensor at a time, so no [rows, d] noise is made (the bits agree)."""
         seeds = np.asarray(seeds, np.int64).reshape(-1)
         if len(seeds) * self.numel <= BLOCK:
-            return self.unflatten(theta + scale * noise_batch(seeds, self.numel, kind, device=theta.device))
+            return self.unflatten(_shifted(theta, scale, noise_batch(seeds, self.numel, kind, device=theta.device), kind))
         flat, offset = {}, 0
         for name, shape in zip(self.names, self.shapes):
             n = shape.numel()
@@ -72,7 +72,7 @@ class Target:
                 for r in range(0, len(seeds), per):
                     s = scale[r:r + per] if torch.is_tensor(scale) else scale
                     u = noise_batch(seeds[r:r + per], b - a, kind, offset + a, theta.device)
-                    value[r:r + per, a:b] = theta[offset + a:offset + b] + s * u
+                    value[r:r + per, a:b] = _shifted(theta[offset + a:offset + b], s, u, kind)
             flat[name], offset = value, offset + n
         return self._shaped(flat)
 
@@ -89,6 +89,16 @@ class Target:
         for name, shape in zip(self.names, self.shapes):
             parts[name], offset = flat[..., offset:offset + shape.numel()], offset + shape.numel()
         return self._shaped(parts)
+
+
+def _shifted(theta: torch.Tensor, scale, u: torch.Tensor, kind: str) -> torch.Tensor:
+    """θ + scale·u. For ±1 noise scale·u is exact, so one fused op (no [rows, n] temporary) gives the
+    same bits; a Gaussian product is rounded first, as it always was."""
+    if kind != "rademacher":
+        return theta + scale * u
+    if torch.is_tensor(scale):
+        return torch.addcmul(theta, scale, u)
+    return torch.add(theta, u, alpha=scale)
 
 
 class PerturbedForward:

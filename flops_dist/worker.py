@@ -25,7 +25,7 @@ def keep_freed_memory() -> None:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return  # not glibc: its allocator is left as it is
-    libc.mallopt(M_MMAP_THRESHOLD, 4 << 20)
+    libc.mallopt(M_MMAP_THRESHOLD, 16 << 20)
     libc.mallopt(M_TRIM_THRESHOLD, 32 << 20)
 
 

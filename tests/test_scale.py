@@ -33,6 +33,16 @@ def test_blockwise_perturbation_equals_whole_noise_vectors(kind):
     assert all(torch.equal(blockwise[n], whole[n]) for n in target.names)
 
 
+@pytest.mark.parametrize("scale", [0.0123456, torch.tensor([[0.0123456], [-3.3e-5], [7.77]])], ids=["float", "rows"])
+def test_fused_rademacher_perturbation_has_the_bits_of_theta_plus_scale_times_u(scale):
+    target = Target.select(nn.Linear(7, 5), "all")
+    theta = torch.randn(target.numel) * 10.0 ** torch.randint(-4, 3, (target.numel,))
+    seeds = np.array([4, 8, 15])
+    fused = target.perturbed(theta, seeds, scale, "rademacher")
+    plain = target.unflatten(theta + scale * noise_batch(seeds, target.numel, "rademacher"))
+    assert all(torch.equal(fused[n], plain[n]) for n in target.names)
+
+
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
 def test_blockwise_update_equals_adding_whole_noise_vectors(kind):
     d, seeds, coefficients = BLOCK + 12345, np.array([5, 9, 2]), [0.5, -1.25, 3.0]
