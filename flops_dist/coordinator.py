@@ -40,30 +40,29 @@ class AllWorkersLost(RuntimeError):
 class RayExecutor(Executor):
     """Replicas in worker actors: one call per worker per phase, never one per query. Items are dealt
     by cost and each worker's measured speed, and a worker that dies mid-phase has its items re-dealt
-    to the live ones. A queued update rides on the next call that goes to every worker (the clean
-    forward), saving a round trip per step; any other call sends it first."""
+    to the live ones. An update is sent to every worker as soon as it is made and not waited for:
+    the workers apply it while this actor finishes the step (the allocator's learning, the logs), and
+    an actor runs one caller's calls in the order sent, so each worker's next call finds θ_{t+1}."""
 
     def __init__(self, workers: list, noise_cost: float = 0.0, prefix_reuse: bool = False):
         self.workers = list(workers)
         self.prefix_reuse = prefix_reuse
         self.speeds = np.ones(len(workers))
         self.noise_cost = noise_cost
-        self.queued = None  # U_t that no worker has been sent yet
+        self.in_flight = []  # the replies of the last update's apply calls, not yet checked
         self.workers_lost = 0
         self.query_rates = np.zeros(len(workers))  # queries per second in each worker's last evaluate
 
     def _scatter(self, method: str, costs: np.ndarray, take, store, everyone: bool = False,
                  groups=None) -> np.ndarray:
-        if not everyone:
-            self.flush()
-        update, self.queued = self.queued, None
+        self.flush()
         owner = np.zeros(len(costs), np.int64)
         remaining = np.arange(len(costs))
         while len(remaining):
             if not self.workers:
                 raise AllWorkersLost("every worker has died; no replica is left to evaluate queries")
             hint = () if groups is None else (groups[0][remaining], *groups[1:])
-            calls = [(w, remaining[idx], getattr(self.workers[w], method).remote(update, *take(remaining[idx])))
+            calls = [(w, remaining[idx], getattr(self.workers[w], method).remote(*take(remaining[idx])))
                      for w, idx in enumerate(assign_chunks(costs[remaining], self.speeds, *hint))
                      if len(idx) or everyone]
             failed, dead = [], set()
@@ -129,15 +128,17 @@ class RayExecutor(Executor):
         raise AllWorkersLost(f"every worker has died; none is left for {method}")
 
     def queue_update(self, msg) -> None:
-        self.queued = msg.to_send()
+        self.flush()
+        update = msg.to_send()
+        self.in_flight = [w.apply.remote(update) for w in self.workers]
 
     def flush(self) -> None:
-        """Send the queued update to every worker now; a dead worker is dropped at its next call."""
-        if self.queued is not None:
-            msg, self.queued = self.queued, None
-            for ref in [w.apply.remote(msg) for w in self.workers]:
-                with contextlib.suppress(ray.exceptions.RayActorError):
-                    ray.get(ref)
+        """Wait for the update in flight. A worker that died applying it is dropped at its next call;
+        any other failure (an update that would make θ non-finite) is raised here, before θ is used."""
+        in_flight, self.in_flight = self.in_flight, []
+        for ref in in_flight:
+            with contextlib.suppress(ray.exceptions.RayActorError):
+                ray.get(ref)
 
     def add(self, worker) -> None:
         self.workers.append(worker)

@@ -175,12 +175,12 @@ class Engine:
         allocation, ask, queries, spent = self._spend_queries(features, usable, seed_base, t)
         est = self._estimate(queries, features)
         self._stop_if_dropped(t, est.dropped_queries, len(queries.loss))
+        msg = UpdateMessage(t, cfg.learning_rate, est.seeds, est.coefficients)
+        self.executor.queue_update(msg)  # first: Ray's replicas apply it while the allocator learns
         scores = self._shared_scores(queries, features)
         if usable.any():
             common = None if scores is None else scores[usable][:, :allocation[usable].min()]
             self.allocator.learn(ask, est.c_hat[usable], common)
-        msg = UpdateMessage(t, cfg.learning_rate, est.seeds, est.coefficients)
-        self.executor.queue_update(msg)
         theta_hash = self.check_replicas(t) if cfg.hash_every and (t + 1) % cfg.hash_every == 0 else ""
         record = self._record(t, features, usable, allocation, spent, est, self._variance_proxy(est, scores), msg,
                               theta_hash, time.perf_counter() - began)

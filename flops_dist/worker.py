@@ -40,18 +40,15 @@ class Worker:
                 "updates_applied": self.replica.updates_applied, "noise_cost": self.replica.noise_cost(),
                 "frozen_prefix": self.replica.forward.prefix is not None}
 
-    def clean_forward(self, update, batch, rows):
-        """Apply the queued update, if any, then take the step's batch and run its clean forward:
-        one call per step, not three."""
-        return self._timed(update, self.replica.clean_forward, batch, rows)
+    def clean_forward(self, batch, rows):
+        return self._timed(self.replica.clean_forward, batch, rows)
 
-    def evaluate(self, update, chunks):
-        return self._timed(update, self.replica.evaluate, chunks)
+    def evaluate(self, chunks):
+        return self._timed(self.replica.evaluate, chunks)
 
-    def _timed(self, update, verb, *args):
+    @staticmethod
+    def _timed(verb, *args):
         """(the verb's result, its seconds): the coordinator deals by measured throughput."""
-        if update is not None:
-            self.replica.apply(update)
         began = time.perf_counter()
         result = verb(*args)
         return result, time.perf_counter() - began
