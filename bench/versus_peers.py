@@ -8,7 +8,7 @@ forwards are not counted). EvoTorch: one solution evaluated on a 32-example batc
 
 Both sides share one local Ray with 2 CPUs, take 2 actors of one CPU and one torch thread each, and
 spend the same number of example-forwards per round (steps × batch × queries per example: the
-digits job's 600 × 32 × 32), so their held-out accuracies compare learning at an equal budget. Rounds alternate EvoTorch, flops_dist,
+digits job's 600 × 32 × 256), so their held-out accuracies compare learning at an equal budget. Rounds alternate EvoTorch, flops_dist,
 EvoTorch, …; round r is seed r on both sides; each side's rate is the median over rounds.
 
 - EvoTorch: a `Problem` whose fitness is the whole ViT's mean cross-entropy on one 32-example batch
@@ -19,7 +19,8 @@ EvoTorch, …; round r is seed r on both sides; each side's rate is the median o
   against about 800 ms of forwards, so a larger population would gain EvoTorch at most ~7% in rate
   but fewer generations fit the budget and it learns less (held-out accuracy 0.53-0.56 at 256,
   0.49 at 1024, 0.59-0.66 at 128). stdev 0.2 and centre lr 0.2 were the best of a small sweep at
-  this budget (0.01/0.01 does not move the accuracy from its start).
+  the job's former budget of 32 queries per example (0.01/0.01 does not move the accuracy from its
+  start); EvoTorch's rate does not depend on the budget, only how far it learns does.
 - flops_dist: `flops_dist.train` with the digits job's config. Rate = Σ queries / Σ seconds of the
   run log's steps after the first WARM_STEPS (worker start-up and the first vmap trace excluded).
 """

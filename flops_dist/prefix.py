@@ -62,9 +62,10 @@ class FrozenPrefix:
     forward; `cache(chunks)` joins them into per-example tensors; `replay(values)` runs a forward
     with those outputs in place of the modules' work."""
 
-    def __init__(self, model: nn.Module, names: list[str], dead: set[str] = frozenset()):
-        self.model, self.names, self.dead = model, list(names), set(dead)
+    def __init__(self, model: nn.Module, names: list[str]):
+        self.model, self.names = model, list(names)
         self.modules = {n: model.get_submodule(n) for n in self.names}
+        self.dead: set[str] = set()  # the outputs the network's output does not depend on (find)
 
     @classmethod
     def find(cls, model: nn.Module, owners: set[str], run_clean, run_perturbed, rows: int) -> "FrozenPrefix | None":
