@@ -19,8 +19,9 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (mall
 def keep_freed_memory() -> None:
     """By default glibc hands a freed block of a few MB back to the kernel, so each chunk's noise and
     perturbed parameters were page-faulted in afresh: about half the time of making them on the main
-    job (measured). The worker's process is ours: it keeps blocks under 4 MB, and up to 32 MB of free
-    heap, for reuse. Larger blocks, such as a large target's noise blocks, still come and go whole."""
+    job (measured). The worker's process is ours: it keeps blocks under 16 MB, and up to 32 MB of free
+    heap, for reuse. Larger ones, such as a large target's θ, still come and go whole (bench/memory.py:
+    MiniLM's every weight peaks where it did, 912 MB against 923)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
