@@ -35,25 +35,27 @@ def train(qpe: int, chunk: int, lr: float, seed: int, steps: int, run_dir) -> di
 
 
 def loss_at(run: dict, seconds: float) -> float:
-    """The mean training loss of the WINDOW steps that end when `seconds` of steps have passed."""
+    """The mean training loss of the WINDOW steps that end when `seconds` of steps have passed (the
+    last WINDOW, for a run that ended sooner)."""
     window = min(WINDOW, len(run["loss"]))
     smooth = np.convolve(run["loss"], np.ones(window) / window, mode="valid")
     i = np.searchsorted(run["elapsed"][window - 1:], seconds)
-    return float(smooth[i]) if i < len(smooth) else float("nan")
+    return float(smooth[min(i, len(smooth) - 1)])
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--smoke", action="store_true", help="one seed, 12 steps")
+    ap.add_argument("--smoke", action="store_true", help="one seed, 12 steps, the first two settings")
     args = ap.parse_args()
     seeds, steps = (1, 12) if args.smoke else (args.seeds, args.steps)
+    settings = SETTINGS[:2] if args.smoke else SETTINGS
     out, report = fresh_dir("main_job_budget"), Report()
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    runs = {s: [] for s in SETTINGS}
+    runs = {s: [] for s in settings}
     for seed in range(seeds):
-        for qpe, chunk, lr in SETTINGS:
+        for qpe, chunk, lr in settings:
             report.progress(f"seed {seed}: {qpe} queries per example, lr {lr}")
             wait_for_idle_cluster(2)  # the last run's workers are gone: each run has both CPUs
             runs[(qpe, chunk, lr)].append(train(qpe, chunk, lr, seed, steps, out / f"{qpe}-{lr}-{seed}"))
