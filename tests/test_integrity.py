@@ -6,6 +6,8 @@ Every fault is made on a copy of one 8-step digits run (snapshots at 4 and 8, θ
 """
 import shutil
 
+import numpy as np
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -151,3 +153,50 @@ def test_a_damaged_final_model_is_named_by_verify(undisturbed, tmp_path, capsys)
     model.write_bytes(bytes(data))
     code, out = verify(run_dir, capsys)
     assert code == 1 and f"{model}: its tensors do not match the content hash" in out
+
+
+def write_three_steps(run_dir):
+    """Three logged steps of real update shape (a seed can exceed 2**53; coefficients span magnitudes)."""
+    from flops_dist.record import StepRecord, record_columns
+    from flops_dist.runlog import RunLogWriter
+    from flops_dist.update import UpdateMessage
+    rng = np.random.default_rng(0)
+    writer = RunLogWriter(run_dir)
+    blank = {name: kind() for name, kind in record_columns()}
+    for t in range(3):
+        scale = 10.0**rng.integers(-8, 8)
+        msg = UpdateMessage(t, 0.3, rng.integers(0, 2**61, 50 + t), rng.standard_normal(50 + t) * scale)
+        writer.append(StepRecord(**{**blank, "step": t}), msg, np.arange(4), None)
+    writer.flush()
+    return run_dir / "updates" / "part-00000000-00000002.parquet"
+
+
+def test_a_list_value_is_in_its_rows_checksum_and_slicing_does_not_move_it(tmp_path):
+    table = pq.read_table(write_three_steps(tmp_path / "run"))
+    assert row_checksums(table.slice(1)) == row_checksums(table)[1:]
+    seeds = table.column("seeds").to_pylist()
+    seeds[1][-1] += 1
+    changed = table.set_column(table.schema.get_field_index("seeds"), "seeds", pa.array(seeds, pa.list_(pa.int64())))
+    before, after = row_checksums(table), row_checksums(changed)
+    assert before[0] == after[0] and before[2] == after[2] and before[1] != after[1]
+
+
+@pytest.mark.parametrize("lists_as_json", [False, True])
+def test_a_log_in_either_checksum_format_is_read_and_an_edit_to_it_is_named(tmp_path, lists_as_json):
+    """Logs written before list values were hashed carry checksums of the lists printed as JSON."""
+    from flops_dist.runlog import scan_log
+    path = write_three_steps(tmp_path / "run")
+    table = pq.read_table(path)
+    sums = row_checksums(table, lists_as_json=lists_as_json)
+    assert sums != row_checksums(table, lists_as_json=not lists_as_json)
+    column = table.schema.get_field_index("checksum")
+    pq.write_table(table.set_column(column, "checksum", pa.array(sums, pa.string())), path)
+    read, damage = scan_log(tmp_path / "run", "updates")
+    assert read.num_rows == 3 and not damage
+    coefficients = table.column("coefficients").to_pylist()
+    coefficients[2][7] = float(np.nextafter(coefficients[2][7], np.inf))
+    edited = table.set_column(table.schema.get_field_index("coefficients"), "coefficients",
+                              pa.array(coefficients, pa.list_(pa.float64())))
+    pq.write_table(edited.set_column(column, "checksum", pa.array(sums, pa.string())), path)
+    read, damage = scan_log(tmp_path / "run", "updates")
+    assert read.num_rows == 0 and "the row of step 2 fails its checksum" in damage[0].why
