@@ -12,6 +12,7 @@ import errno
 import json
 import traceback
 import logging
+import operator
 import os
 import time
 from pathlib import Path
@@ -40,31 +41,35 @@ class AllWorkersLost(RuntimeError):
 class RayExecutor(Executor):
     """Replicas in worker actors: one call per worker per phase, never one per query. Items are dealt
     by cost and each worker's measured speed, and a worker that dies mid-phase has its items re-dealt
-    to the live ones. An update is sent to every worker as soon as it is made and not waited for:
-    the workers apply it while this actor finishes the step (the allocator's learning, the logs), and
-    an actor runs one caller's calls in the order sent, so each worker's next call finds θ_{t+1}."""
+    to the live ones. An update is not waited for: it rides with the next step's clean forward,
+    sent at once, so the workers apply it and run the next batch while this actor finishes the
+    step (the allocator's learning, the logs). Before any other call it goes alone, and an actor
+    runs one caller's calls in the order sent, so each worker's next call finds θ_{t+1}."""
 
     def __init__(self, workers: list, noise_cost: float = 0.0, prefix_reuse: bool = False):
         self.workers = list(workers)
         self.prefix_reuse = prefix_reuse
+        self.sends_ahead = True
         self.speeds = np.ones(len(workers))
         self.noise_cost = noise_cost
+        self.unsent = None   # the last update, while no call has carried it yet
         self.in_flight = []  # the replies of the last update's apply calls, not yet checked
         self.workers_lost = 0
         self.query_rates = np.zeros(len(workers))  # queries per second in each worker's last evaluate
 
     def _scatter(self, method: str, costs: np.ndarray, take, store, everyone: bool = False,
-                 groups=None) -> np.ndarray:
+                 groups=None, sent=None) -> np.ndarray:
         self.flush()
         owner = np.zeros(len(costs), np.int64)
         remaining = np.arange(len(costs))
         while len(remaining):
             if not self.workers:
                 raise AllWorkersLost("every worker has died; no replica is left to evaluate queries")
-            hint = () if groups is None else (groups[0][remaining], *groups[1:])
-            calls = [(w, remaining[idx], getattr(self.workers[w], method).remote(*take(remaining[idx])))
-                     for w, idx in enumerate(assign_chunks(costs[remaining], self.speeds, *hint))
-                     if len(idx) or everyone]
+            if self._sent_to_these(sent):
+                calls = sent[1]
+            else:
+                calls = self._send(method, costs, remaining, take, everyone, groups)
+            sent = None
             failed, dead = [], set()
             for w, items, ref in calls:
                 try:
@@ -80,9 +85,31 @@ class RayExecutor(Executor):
                     owner[items] = w
                     self._measure(w, method, costs[items].sum(), value, seconds)
             self._drop(dead)
+            owner -= (np.array(sorted(dead))[:, None] < owner).sum(axis=0)  # the survivors' new positions
             remaining = np.concatenate(failed) if failed else remaining[:0]
             groups = None  # after a death the indices moved: deal the rest by load alone
         return owner
+
+    def _send(self, method: str, costs: np.ndarray, items: np.ndarray, take, everyone: bool, groups) -> list:
+        """[(worker, its items, the call's reply)] for `items` dealt by cost and speed."""
+        hint = () if groups is None else (groups[0][items], *groups[1:])
+        return [(w, items[idx], getattr(self.workers[w], method).remote(*take(items[idx])))
+                for w, idx in enumerate(assign_chunks(costs[items], self.speeds, *hint)) if len(idx) or everyone]
+
+    def _sent_to_these(self, sent) -> bool:
+        """Whether calls made by a send_* verb went to the live workers as they are now."""
+        return sent is not None and len(sent[0]) == len(self.workers) and all(map(operator.is_, sent[0],
+                                                                                   self.workers))
+
+    def send_clean_forward(self, rows: np.ndarray, batch):
+        """Sent right after the update, without waiting: each worker applies it, then runs its rows
+        while this actor's allocator learns. The same workers, still all alive, collect it."""
+        costs, take = self._clean_calls(rows, batch)
+        update, self.unsent = self.unsent, None  # every worker gets a call (everyone), so every one applies it
+        calls = self._send("clean_forward", costs, np.arange(len(rows)), lambda items: (*take(items), update), True,
+                           None)
+        self.in_flight = [ref for _, _, ref in calls] if update is not None else []  # flush() waits for them
+        return list(self.workers), calls
 
     def _measure(self, w: int, method: str, cost: float, value, seconds: float) -> None:
         """Throughput in cost units per second, smoothed: it steers the dealing, never the bits."""
@@ -129,12 +156,14 @@ class RayExecutor(Executor):
 
     def queue_update(self, msg) -> None:
         self.flush()
-        update = msg.to_send()
-        self.in_flight = [w.apply.remote(update) for w in self.workers]
+        self.unsent = msg.to_send()
 
     def flush(self) -> None:
-        """Wait for the update in flight. A worker that died applying it is dropped at its next call;
-        any other failure (an update that would make θ non-finite) is raised here, before θ is used."""
+        """Send an update no call has carried, and wait for the calls that carry it. A worker that died
+        applying it is dropped at its next call; any other failure (an update that would make θ
+        non-finite) is raised here, before any call that reads θ."""
+        if self.unsent is not None:
+            self.in_flight, self.unsent = [w.apply.remote(self.unsent) for w in self.workers], None
         in_flight, self.in_flight = self.in_flight, []
         for ref in in_flight:
             with contextlib.suppress(ray.exceptions.RayActorError):

@@ -50,21 +50,28 @@ class Executor(abc.ABC):
     chunk is dealt, where the load allows, to the replica that ran its examples' clean forward."""
     noise_cost = 0.0  # noise generation per seed, in forward-equivalents: the chunk cost model's weight
     prefix_reuse = False
+    sends_ahead = False  # whether it has send_clean_forward: start the next step's clean forward, on the θ
+                         # after the update queued before it, for `clean_forward(..., sent)` to collect
     clean_owner = (1, np.zeros(0, np.int64))  # (rows per clean chunk, the replica that ran each)
 
-    def clean_forward(self, rows: np.ndarray, batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def clean_forward(self, rows: np.ndarray, batch, sent=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every replica takes the step's batch (an ArrayDataset); losses [n, C], embeddings
-        [n, C, m] and the variance scales κ [n, C] at θ for chunks of positions in it."""
+        [n, C, m] and the variance scales κ [n, C] at θ for chunks of positions in it. `sent`: what
+        `send_clean_forward` returned for these rows and batch."""
         losses, kappa = np.empty(rows.shape, np.float32), np.empty(rows.shape)
         parts = {}
 
         def store(items, value):
             losses[items], parts[tuple(items)], kappa[items] = value
 
-        owner = self._scatter("clean_forward", np.full(len(rows), float(rows.shape[1])),
-                              lambda items: (batch, rows[items]), store, everyone=True)
+        owner = self._scatter("clean_forward", *self._clean_calls(rows, batch), store, everyone=True, sent=sent)
         self.clean_owner = (rows.shape[1], owner)
         return losses, gather_rows(len(rows), parts), kappa
+
+    @staticmethod
+    def _clean_calls(rows: np.ndarray, batch):
+        """(the cost of each chunk of rows, its call's arguments by items)."""
+        return np.full(len(rows), float(rows.shape[1])), lambda items: (batch, rows[items])
 
     def evaluate(self, chunks: QueryChunks) -> np.ndarray:
         """Losses [n, C] of the perturbed queries."""
@@ -83,11 +90,11 @@ class Executor(abc.ABC):
 
     @abc.abstractmethod
     def _scatter(self, method: str, costs: np.ndarray, take, store, everyone: bool = False,
-                 groups=None) -> np.ndarray:
+                 groups=None, sent=None) -> np.ndarray:
         """Call `method(*take(items))` on the replicas, each with the items dealt to it (`everyone`:
         also those dealt none), and `store(items, result)` for every non-empty one. Returns the
         replica that answered for each item; `groups` = (group, holder, group_cost) steers the
-        dealing (assign_chunks)."""
+        dealing (assign_chunks). `sent`: these calls, already made by a send_* verb."""
 
     @abc.abstractmethod
     def queue_update(self, msg: UpdateMessage) -> None:
@@ -105,7 +112,7 @@ class LocalExecutor(Executor):
         self.replicas = list(replicas)
         self.prefix_reuse = any(r.forward.prefix is not None for r in self.replicas)
 
-    def _scatter(self, method, costs, take, store, everyone=False, groups=None) -> np.ndarray:
+    def _scatter(self, method, costs, take, store, everyone=False, groups=None, sent=None) -> np.ndarray:
         owner = np.zeros(len(costs), np.int64)
         dealt = assign_chunks(costs, np.ones(len(self.replicas)), *(groups or ()))
         for w, (replica, items) in enumerate(zip(self.replicas, dealt)):
@@ -137,6 +144,8 @@ class Engine:
         require_batch_fits(cfg.batch_size, len(data))
         self.cfg, self.executor, self.data, self.d = cfg, executor, data, d
         self.n_examples = len(data)
+        self._next_clean = None  # (step, batch, its rows, the clean forward sent for it) or None
+        self._last_end = 0.0
         self._permutation = (-1, None)  # (epoch, its permutation)
         self.budget = cfg.batch_size * cfg.queries_per_example // cfg.unit
         self.a_min = cfg.min_queries // cfg.unit
@@ -165,9 +174,12 @@ class Engine:
     def step(self, t: int, batch: np.ndarray | None = None) -> StepOutcome:
         """Step t on batch(t), or on the given dataset indices: a benchmark pins a batch and varies t
         to draw new query seeds and allocations for the same examples."""
-        cfg, began = self.cfg, time.perf_counter()
+        cfg, began, pinned = self.cfg, time.perf_counter(), batch is not None
         batch = self.batch(t) if batch is None else np.asarray(batch, np.int64)
-        features = self._clean_forward(batch)
+        sent = self._take_sent_clean_forward(t, batch)
+        if sent is not None:
+            began = self._last_end  # this step's work began when the last one sent its clean forward
+        features = self._clean_forward(batch, sent)
         usable = np.isfinite(features.losses) & np.isfinite(features.embeddings).all(axis=1)
         seed_base = int(np.random.default_rng([cfg.seed, t, 0]).integers(0, 2**61))
         if cfg.noise_space == "outputs":  # each replica finds a seed's example from the seed alone
@@ -177,13 +189,16 @@ class Engine:
         self._stop_if_dropped(t, est.dropped_queries, len(queries.loss))
         msg = UpdateMessage(t, cfg.learning_rate, est.seeds, est.coefficients)
         self.executor.queue_update(msg)  # first: Ray's replicas apply it while the allocator learns
+        if self.executor.sends_ahead and not pinned and t + 1 < cfg.steps:  # then the next batch's clean forward
+            self._send_clean_forward(t + 1, self.batch(t + 1))
         scores = self._shared_scores(queries, features)
         if usable.any():
             common = None if scores is None else scores[usable][:, :allocation[usable].min()]
             self.allocator.learn(ask, est.c_hat[usable], common)
         theta_hash = self.check_replicas(t) if cfg.hash_every and (t + 1) % cfg.hash_every == 0 else ""
+        self._last_end = time.perf_counter()
         record = self._record(t, features, usable, allocation, spent, est, self._variance_proxy(est, scores), msg,
-                              theta_hash, time.perf_counter() - began)
+                              theta_hash, self._last_end - began)
         return StepOutcome(record, msg, allocation)
 
     def _spend_queries(self, features: BatchFeatures, usable: np.ndarray, seed_base: int, t: int):
@@ -203,12 +218,28 @@ class Engine:
                                 for f in ("example", "seed", "sign", "loss")))
         return allocation, ask, queries, spent
 
-    def _clean_forward(self, batch: np.ndarray) -> BatchFeatures:
-        """Every replica takes the batch's rows; clean losses Φ and embeddings e of its examples.
-        A chunk never holds more rows than the batch: padding would be wasted forwards."""
+    def _clean_rows(self, n: int) -> np.ndarray:
+        """Positions in a batch of n, in chunks. A chunk never holds more rows than the batch:
+        padding would be wasted forwards."""
         size = self.cfg.clean_chunk_size or self.cfg.chunk_size
-        rows, _ = chunk_examples(np.arange(len(batch)), min(size, len(batch)))
-        clean_rows, emb_rows, kappa = self.executor.clean_forward(rows, self.data.rows(batch))
+        return chunk_examples(np.arange(n), min(size, n))[0]
+
+    def _send_clean_forward(self, t: int, batch: np.ndarray) -> None:
+        rows, data = self._clean_rows(len(batch)), self.data.rows(batch)
+        self._next_clean = (t, batch, data, self.executor.send_clean_forward(rows, data))
+
+    def _take_sent_clean_forward(self, t: int, batch: np.ndarray):
+        """(the batch's rows, the clean forward sent for them) if one was sent for step t on this batch."""
+        sent, self._next_clean = self._next_clean, None
+        if sent is None or sent[0] != t or not np.array_equal(sent[1], batch):
+            return None
+        return sent[2], sent[3]
+
+    def _clean_forward(self, batch: np.ndarray, sent=None) -> BatchFeatures:
+        """Every replica takes the batch's rows; clean losses Φ and embeddings e of its examples."""
+        rows = self._clean_rows(len(batch))
+        data, sent = sent or (self.data.rows(batch), None)
+        clean_rows, emb_rows, kappa = self.executor.clean_forward(rows, data, sent)
         return BatchFeatures(clean_rows.reshape(-1)[:len(batch)].astype(np.float64),
                              emb_rows.reshape(-1, emb_rows.shape[-1])[:len(batch)],
                              kappa=kappa.reshape(-1)[:len(batch)])

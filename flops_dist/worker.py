@@ -41,7 +41,10 @@ class Worker:
                 "updates_applied": self.replica.updates_applied, "noise_cost": self.replica.noise_cost(),
                 "frozen_prefix": self.replica.forward.prefix is not None}
 
-    def clean_forward(self, batch, rows):
+    def clean_forward(self, batch, rows, update=None):
+        """The last step's update, where it rides along, is applied first (not timed)."""
+        if update is not None:
+            self.replica.apply(update)
         return self._timed(self.replica.clean_forward, batch, rows)
 
     def evaluate(self, chunks):

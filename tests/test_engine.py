@@ -64,9 +64,9 @@ def test_diverged_replicas_stop_the_run():
 class RecordingExecutor(LocalExecutor):
     """Remembers the examples that the step's replicas were given."""
 
-    def clean_forward(self, rows, batch):
+    def clean_forward(self, rows, batch, sent=None):
         self.given = batch
-        return super().clean_forward(rows, batch)
+        return super().clean_forward(rows, batch, sent)
 
 
 def test_a_given_batch_replaces_the_step_s_own():

@@ -66,6 +66,45 @@ def test_two_ray_workers_match_the_local_reference_bit_for_bit(tmp_path, train_f
     assert torch.equal(trained_theta(result.model), reference_theta(cfg))
 
 
+def test_an_update_rides_with_the_next_clean_forward_sent_before_the_allocator_learns(tmp_path):
+    """One call per worker per phase: U_t goes with step t+1's clean forward, sent before the allocator
+    learns, and only the last update goes alone (to the final hash check). θ matches the local reference."""
+    from flops_dist.coordinator import RayExecutor
+    from flops_dist.worker import RemoteWorker
+    cfg = make_config(tmp_path, steps=6, hash_every=0)
+    spec = ReplicaSpec(sigma=cfg.train.sigma, noise=cfg.train.noise, optimizer=cfg.train.optimizer_config(),
+                       embedding_module=cfg.target.embedding_module)
+    ship_by_value(build_mlp(), cross_entropy)
+    events = []
+
+    class Recording(RayExecutor):
+        def _send(self, method, *args):
+            events.append(method)
+            return super()._send(method, *args)
+
+        def flush(self):
+            events.extend(["apply alone"] if self.unsent is not None else [])
+            super().flush()
+
+    workers = [RemoteWorker.options(num_cpus=0).remote(build_mlp(), cross_entropy, blobs(), spec) for _ in range(2)]
+    executor = Recording(workers)
+    engine = Engine(cfg.train, executor, blobs(), Replica(build_mlp(), cross_entropy, blobs(), spec).d)
+    learn = engine.allocator.learn
+    engine.allocator.learn = lambda *args: (events.append("learn"), learn(*args))[1]
+    for t in range(cfg.train.steps):
+        engine.step(t)
+    hashes = executor.hashes()
+    for w in workers:
+        ray.kill(w)
+    steps = ["evaluate", "clean_forward", "learn"] * 5 + ["evaluate", "learn"]
+    assert events == ["clean_forward"] + steps + ["apply alone"]
+    reference = Replica(build_mlp(), cross_entropy, blobs(), spec)
+    local = Engine(cfg.train, LocalExecutor([reference]), blobs(), reference.d)
+    for t in range(cfg.train.steps):
+        local.step(t)
+    assert hashes == [reference.hash()] * 2
+
+
 def test_one_and_two_workers_give_bit_identical_models(tmp_path):
     one = train(build_mlp(), cross_entropy, blobs(), make_config(tmp_path, workers=1), progress=lambda l: None)
     two = train(build_mlp(), cross_entropy, blobs(), make_config(tmp_path, workers=2), progress=lambda l: None)
