@@ -59,6 +59,8 @@ class RayExecutor(Executor):
 
     def _scatter(self, method: str, costs: np.ndarray, take, store, everyone: bool = False,
                  groups=None, sent=None) -> np.ndarray:
+        if self._sent_to_these(sent):
+            self.in_flight = []  # the calls that carry the update: their replies are read below
         self.flush()
         owner = np.zeros(len(costs), np.int64)
         remaining = np.arange(len(costs))
