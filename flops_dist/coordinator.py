@@ -95,7 +95,7 @@ class RayExecutor(Executor):
     def _send(self, method: str, costs: np.ndarray, items: np.ndarray, take, everyone: bool, groups) -> list:
         """[(worker, its items, the call's reply)] for `items` dealt by cost and speed."""
         hint = () if groups is None else (groups[0][items], *groups[1:])
-        return [(w, items[idx], getattr(self.workers[w], method).remote(*take(items[idx])))
+        return [(w, items[idx], getattr(self.workers[w], method).remote(*take(items[idx], w)))
                 for w, idx in enumerate(assign_chunks(costs[items], self.speeds, *hint)) if len(idx) or everyone]
 
     def _sent_to_these(self, sent) -> bool:
@@ -108,7 +108,7 @@ class RayExecutor(Executor):
         while this actor's allocator learns. The same workers, still all alive, collect it."""
         costs, take = self._clean_calls(rows, batch)
         update, self.unsent = self.unsent, None  # every worker gets a call (everyone), so every one applies it
-        calls = self._send("clean_forward", costs, np.arange(len(rows)), lambda items: (*take(items), update), True,
+        calls = self._send("clean_forward", costs, np.arange(len(rows)), lambda items, w: (*take(items, w), update), True,
                            None)
         self.in_flight = [ref for _, _, ref in calls] if update is not None else []  # flush() waits for them
         return list(self.workers), calls

@@ -47,22 +47,26 @@ class Executor(abc.ABC):
     depend on the dealing; subclasses say only how replicas are called (`_scatter`).
 
     With frozen-prefix reuse a replica holds the prefix outputs of the clean rows it ran, so a query
-    chunk is dealt, where the load allows, to the replica that ran its examples' clean forward."""
+    chunk is dealt, where the load allows, to the replica that ran its examples' clean forward; a
+    chunk whose examples span clean rows that another replica ran is sent their prefix outputs,
+    which that replica's clean forward returned, rather than have them run again."""
     noise_cost = 0.0  # noise generation per seed, in forward-equivalents: the chunk cost model's weight
     prefix_reuse = False
     sends_ahead = False  # whether it has send_clean_forward: start the next step's clean forward, on the θ
                          # after the update queued before it, for `clean_forward(..., sent)` to collect
     clean_owner = (1, np.zeros(0, np.int64))  # (rows per clean chunk, the replica that ran each)
+    prefix_outputs: dict = {}  # clean chunk -> its prefix outputs, from the replica that ran it
 
     def clean_forward(self, rows: np.ndarray, batch, sent=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every replica takes the step's batch (an ArrayDataset); losses [n, C], embeddings
         [n, C, m] and the variance scales κ [n, C] at θ for chunks of positions in it. `sent`: what
         `send_clean_forward` returned for these rows and batch."""
         losses, kappa = np.empty(rows.shape, np.float32), np.empty(rows.shape)
-        parts = {}
+        parts, self.prefix_outputs = {}, {}
 
         def store(items, value):
-            losses[items], parts[tuple(items)], kappa[items] = value
+            losses[items], parts[tuple(items)], kappa[items], prefix = value
+            self.prefix_outputs.update(prefix or {})
 
         owner = self._scatter("clean_forward", *self._clean_calls(rows, batch), store, everyone=True, sent=sent)
         self.clean_owner = (rows.shape[1], owner)
@@ -70,8 +74,8 @@ class Executor(abc.ABC):
 
     @staticmethod
     def _clean_calls(rows: np.ndarray, batch):
-        """(the cost of each chunk of rows, its call's arguments by items)."""
-        return np.full(len(rows), float(rows.shape[1])), lambda items: (batch, rows[items])
+        """(the cost of each chunk of rows, its call's arguments by items and replica)."""
+        return np.full(len(rows), float(rows.shape[1])), lambda items, w: (batch, rows[items])
 
     def evaluate(self, chunks: QueryChunks) -> np.ndarray:
         """Losses [n, C] of the perturbed queries."""
@@ -84,14 +88,24 @@ class Executor(abc.ABC):
         if self.prefix_reuse and len(chunks):  # a chunk needs the clean rows of its first example
             per_chunk, holder = self.clean_owner
             groups = (chunks.examples[:, 0] // per_chunk, holder, float(per_chunk))
-        self._scatter("evaluate", chunk_costs(chunks, self.noise_cost), lambda items: (chunks.to_send(items),), store,
+        self._scatter("evaluate", chunk_costs(chunks, self.noise_cost),
+                      lambda items, w: (chunks.to_send(items), self._prefix_not_held(chunks, items, w)), store,
                       groups=groups)
         return losses
+
+    def _prefix_not_held(self, chunks: QueryChunks, items: np.ndarray, w: int) -> dict | None:
+        """The prefix outputs that replica w needs for these chunks and did not compute itself."""
+        if not self.prefix_outputs:
+            return None
+        per_chunk, holder = self.clean_owner
+        needed = np.unique(chunks.examples[items] // per_chunk)
+        return {int(i): self.prefix_outputs[i] for i in needed.tolist()
+                if i in self.prefix_outputs and (i >= len(holder) or holder[i] != w)} or None
 
     @abc.abstractmethod
     def _scatter(self, method: str, costs: np.ndarray, take, store, everyone: bool = False,
                  groups=None, sent=None) -> np.ndarray:
-        """Call `method(*take(items))` on the replicas, each with the items dealt to it (`everyone`:
+        """Call `method(*take(items, replica))` on the replicas, each with the items dealt to it (`everyone`:
         also those dealt none), and `store(items, result)` for every non-empty one. Returns the
         replica that answered for each item; `groups` = (group, holder, group_cost) steers the
         dealing (assign_chunks). `sent`: these calls, already made by a send_* verb."""
@@ -117,7 +131,7 @@ class LocalExecutor(Executor):
         dealt = assign_chunks(costs, np.ones(len(self.replicas)), *(groups or ()))
         for w, (replica, items) in enumerate(zip(self.replicas, dealt)):
             if len(items) or everyone:
-                value = getattr(replica, method)(*take(items))
+                value = getattr(replica, method)(*take(items, w))
                 if len(items):
                     store(items, value)
                     owner[items] = w

@@ -121,6 +121,13 @@ class FrozenPrefix:
         return {n: pytree.tree_map(lambda v: v[:1], captured[0][n]) if n in self.dead else
                 pytree.tree_map(lambda *parts: torch.cat(parts), *[c[n] for c in captured]) for n in self.names}
 
+    def portable(self, captured: list[dict]) -> list[dict]:
+        """One clean chunk's outputs as another replica needs them: on the CPU, its own storage (a
+        view would pickle its whole base), a dead one cut to its first example."""
+        own = lambda v: v.detach().cpu().clone()
+        return [{n: pytree.tree_map(lambda v: own(v[:1]) if n in self.dead else own(v), c[n]) for n in self.names}
+                for c in captured]
+
     def take(self, values: dict[str, object], examples: torch.Tensor) -> dict[str, object]:
         """The held outputs of these batch positions; a dead one's single row, broadcast to them."""
         rows = len(examples)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from .data import ArrayDataset
 from .estimators import variance_scale
@@ -122,24 +123,28 @@ class Replica:
         self.forward.target.perturbed(self.theta, [0], 1.0, self.spec.noise)
         return (time.perf_counter() - began) / max(forward, 1e-9)
 
-    def clean_forward(self, batch: ArrayDataset, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def clean_forward(self, batch: ArrayDataset, rows: np.ndarray):
         """Hold the step's batch (its rows, no others), then losses [n, C], embeddings [n, C, m] and
-        κ [n, C] (estimators.estimate) at θ for chunks of positions in it. With a frozen prefix, the
-        prefix outputs of those rows are kept for the step's queries."""
+        κ [n, C] (estimators.estimate) at θ for chunks of positions in it, and with a frozen prefix
+        the prefix outputs of those chunks, {chunk: portable outputs} (None without one). They are
+        kept here for the step's queries, and other replicas can be given them (`evaluate`)."""
         self.inputs, self.labels = self._tensors(batch)
         self.prefix_chunks = {}  # canonical clean chunk i (positions i·C ...) -> its prefix outputs
         self.clean_rows = max(rows.shape[1], 1)
         if self.outputs is not None:
-            return self._clean_every_chunk(rows)
+            return (*self._clean_every_chunk(rows), None)
         losses, embeddings = [], []
         for row in torch.tensor(rows, device=self.device):  # a copy: Ray's arrays are read-only
             loss, emb = self._clean_chunk(row)
             losses.append(loss)
             embeddings.append(emb)
+        prefix = None if self.forward.prefix is None else \
+            {i: self.forward.prefix.portable(captured) for i, captured in self.prefix_chunks.items()}
         if not losses:
             return (np.zeros((0, rows.shape[1]), np.float32), np.zeros((0, rows.shape[1], 0), np.float32),
-                    np.zeros((0, rows.shape[1])))
-        return np.stack(losses), np.stack(embeddings), np.full(rows.shape, variance_scale(self.d, self.spec.noise))
+                    np.zeros((0, rows.shape[1])), prefix)
+        kappa = np.full(rows.shape, variance_scale(self.d, self.spec.noise))
+        return np.stack(losses), np.stack(embeddings), kappa, prefix
 
     def _clean_chunk(self, row: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Losses and embeddings of one canonical clean chunk; its prefix outputs are kept."""
@@ -166,11 +171,15 @@ class Replica:
         pick = np.asarray(rows[:, 0] // self.clean_rows, np.int64)
         return np.stack(losses)[pick], np.stack(embeddings)[pick], k[pick]
 
-    def _hold_prefix(self, examples: np.ndarray) -> np.ndarray:
-        """Make sure the prefix outputs of these batch positions are held (a canonical clean chunk
-        that another replica ran is run here too, so the bits are the same); returns each position's
-        row in the held outputs."""
+    def _hold_prefix(self, examples: np.ndarray, given: dict | None = None) -> np.ndarray:
+        """Make sure the prefix outputs of these batch positions are held: from `given` (other
+        replicas' clean chunks, {chunk: portable outputs}), else a canonical clean chunk that another
+        replica ran is run here too, so the bits are the same. Returns each position's row in the
+        held outputs."""
         c = self.clean_rows
+        for i, captured in (given or {}).items():
+            if i not in self.prefix_chunks:
+                self.prefix_chunks[i] = [pytree.tree_map(lambda v: v.to(self.device), part) for part in captured]
         for i in sorted(set(np.unique(examples // c).tolist()) - set(self.prefix_chunks)):
             row = torch.tensor(chunk_examples(np.arange(len(self.labels)), c)[0][i], device=self.device)
             captured = []
@@ -182,10 +191,11 @@ class Replica:
         rank[order] = np.arange(len(order))
         return rank[examples // c] * c + examples % c
 
-    def evaluate(self, chunks: QueryChunks) -> np.ndarray:
-        """Losses [n, C] of the perturbed queries, one batched forward per chunk."""
+    def evaluate(self, chunks: QueryChunks, prefix: dict | None = None) -> np.ndarray:
+        """Losses [n, C] of the perturbed queries, one batched forward per chunk. `prefix`: the
+        prefix outputs of clean chunks that other replicas ran, as their clean_forward gave them."""
         out = np.empty(chunks.examples.shape, np.float32)
-        held = self._hold_prefix(chunks.examples) if self.forward.prefix is not None else None
+        held = self._hold_prefix(chunks.examples, prefix) if self.forward.prefix is not None else None
         examples = torch.tensor(chunks.examples, device=self.device)  # a copy: Ray's arrays are read-only
         for i, (ex, seeds, signs) in enumerate(zip(examples, chunks.seeds, chunks.signs)):
             x, y = self.inputs[ex], self.labels[ex]

@@ -47,8 +47,8 @@ class Worker:
             self.replica.apply(update)
         return self._timed(self.replica.clean_forward, batch, rows)
 
-    def evaluate(self, chunks):
-        return self._timed(self.replica.evaluate, chunks)
+    def evaluate(self, chunks, prefix=None):
+        return self._timed(self.replica.evaluate, chunks, prefix)
 
     @staticmethod
     def _timed(verb, *args):
