@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from .data import ArrayDataset
 from .estimators import variance_scale
@@ -179,7 +178,7 @@ class Replica:
         c = self.clean_rows
         for i, captured in (given or {}).items():
             if i not in self.prefix_chunks:
-                self.prefix_chunks[i] = [pytree.tree_map(lambda v: v.to(self.device), part) for part in captured]
+                self.prefix_chunks[i] = self.forward.prefix.on_device(captured, self.device)
         for i in sorted(set(np.unique(examples // c).tolist()) - set(self.prefix_chunks)):
             row = torch.tensor(chunk_examples(np.arange(len(self.labels)), c)[0][i], device=self.device)
             captured = []
