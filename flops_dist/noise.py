@@ -123,30 +123,42 @@ def blocks(numel: int, rows: int = 1):
 
 
 def accumulate(out: torch.Tensor, seeds, coefficients, kind: str = "rademacher", offset: int = 0) -> torch.Tensor:
-    """out += Σ_s c_s · u(seed_s)[offset : offset + len(out)], in place. The terms are added in
-    message order at every element, so the bits equal adding whole noise vectors one by one."""
+    """out += Σ_s c_s · u(seed_s)[offset : offset + len(out)], in place, c_s taken in float32. The
+    terms are added in message order at every element, so the bits equal adding whole noise vectors
+    one by one."""
     seeds = np.asarray(seeds, np.int64).reshape(-1)
-    coefficients = [float(c) for c in coefficients]
+    coefficients = np.asarray(coefficients, np.float32).reshape(-1)
     ranges, per = blocks(out.numel(), len(seeds))
     for start, stop in ranges:
         part = out[start:stop]
         for s0 in range(0, len(seeds), per):
-            rows = noise_batch(seeds[s0:s0 + per], stop - start, kind, offset + start, out.device)
-            if kind == "rademacher" and out.device.type == "cpu" and len(rows) > 1 and stop - start > 1:
-                _add_signed_rows(part, rows, coefficients[s0:s0 + per])
+            chosen, c = seeds[s0:s0 + per], coefficients[s0:s0 + per]
+            if kind == "rademacher" and out.device.type == "cpu" and len(chosen) > 1 and stop - start > 1:
+                _add_signed_terms(part, chosen, c, offset + start)
                 continue
-            for row, c in zip(rows, coefficients[s0:s0 + per]):
-                part.add_(row, alpha=c)
+            for row, c_s in zip(noise_batch(chosen, stop - start, kind, offset + start, out.device), c.tolist()):
+                part.add_(row, alpha=c_s)
     return out
 
 
-def _add_signed_rows(part: torch.Tensor, rows: torch.Tensor, coefficients: list[float]) -> None:
-    """part += Σ c_s·row_s in order, for ±1 rows (made here, so they are overwritten): c_s·row_s is
-    exact, and numpy sums down axis 0 one row after another at every element (its pairwise summation
-    only runs along a contiguous reduced axis, which a row of two or more elements is not), so
-    folding `part` into the first row gives the loop's bits, in two calls and one row of memory."""
-    terms = rows.numpy()
-    np.multiply(np.asarray(coefficients, np.float32)[:, None], terms, out=terms)
+# bit 31 (a float32's sign) of every sign of a byte, bit 0 first: set where the noise element is −1
+_SIGN_BITS_OF_BYTE = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1,
+                                   bitorder="little").astype(np.uint32) << np.uint32(31)
+
+
+def _add_signed_terms(part: torch.Tensor, seeds: np.ndarray, coefficients: np.ndarray, offset: int) -> None:
+    """part += Σ c_s·u(seed_s) in order, for Rademacher noise on the CPU. c_s·(±1) is c_s with its
+    sign bit flipped where u is −1, so the terms are made as bits in one pass (no ±1 rows to
+    multiply). numpy sums down axis 0 one row after another at every element (its pairwise
+    summation only runs along a contiguous reduced axis, which a row of two or more elements is
+    not), so folding `part` into the first row gives the loop's bits, in one block of memory."""
+    numel = part.numel()
+    first, last = offset >> 5, (offset + numel - 1) >> 5
+    words = _words_numpy(seeds, np.arange(first, last + 1)).astype("<u4")  # explicit byte order
+    terms = np.take(_SIGN_BITS_OF_BYTE, words.view(np.uint8), axis=0).reshape(len(seeds), -1)
+    np.bitwise_xor(terms, coefficients.view(np.uint32)[:, None], out=terms)
+    start = offset - 32 * first
+    terms = terms.view(np.float32)[:, start:start + numel]
     terms[0] += part.numpy()
     part.copy_(torch.from_numpy(np.add.reduce(terms, axis=0)))
 

@@ -48,8 +48,7 @@ class OptimizerConfig:
 
 def reconstruct_gradient(msg: UpdateMessage, d: int, noise_kind: str, device="cpu") -> torch.Tensor:
     """ĝ = Σ_s c_s u(seed_s) with c_s in float32, made a block of noise at a time: memory O(d)."""
-    coefficients = torch.tensor(msg.coefficients, dtype=torch.float32).tolist()
-    return accumulate(torch.zeros(d, dtype=torch.float32, device=device), msg.seeds, coefficients, noise_kind)
+    return accumulate(torch.zeros(d, dtype=torch.float32, device=device), msg.seeds, msg.coefficients, noise_kind)
 
 
 def init_optimizer_state(cfg: OptimizerConfig, d: int, device="cpu") -> dict[str, torch.Tensor]:
@@ -71,14 +70,14 @@ def apply_update(theta: torch.Tensor, state: dict[str, torch.Tensor], msg: Updat
     `gradient`: ĝ already rebuilt (output-space noise, whose G(seed) is not a slice of u(seed))."""
     if cfg.kind not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {cfg.kind!r}; choose one of {', '.join(OPTIMIZERS)}")
-    coefficients = torch.tensor(msg.coefficients, dtype=torch.float32).tolist()
     new_theta = torch.empty_like(theta)
     new_state = {k: torch.empty_like(v) for k, v in state.items()}
     for start, stop in blocks(theta.numel())[0]:
         if gradient is not None:
             grad = gradient[start:stop]
         else:
-            grad = accumulate(torch.zeros(stop - start, device=theta.device), msg.seeds, coefficients, noise_kind, start)
+            grad = accumulate(torch.zeros(stop - start, device=theta.device), msg.seeds, msg.coefficients, noise_kind,
+                              start)
         part = {k: v[start:stop] for k, v in state.items()}
         new_theta[start:stop], part = _step(theta[start:stop], part, grad, msg, cfg)
         for k, v in part.items():
