@@ -231,12 +231,17 @@ class GaussianAsk:
     rng: np.random.Generator
 
 
-def random_features(unit, omega, phase, log_gamma):
-    """Z with (ZZᵀ)_ij ≈ exp(−‖ê_i − ê_j‖²/(4γ²)) = exp(−(1 − cos)/(2γ²)); None without embeddings."""
+def random_features(unit, omega, phase, log_gamma, derivative: bool = False):
+    """Z with (ZZᵀ)_ij ≈ exp(−‖ê_i − ê_j‖²/(4γ²)) = exp(−(1 − cos)/(2γ²)); None without embeddings.
+    derivative: the pair (Z, ∂Z/∂log γ) instead ((None, None) without embeddings)."""
     if unit is None:
-        return None
+        return (None, None) if derivative else None
     proj = unit @ omega / (math.sqrt(2.0) * torch.exp(log_gamma))
-    return math.sqrt(2.0 / omega.shape[1]) * torch.cos(proj + phase)
+    angle, scale = proj + phase, math.sqrt(2.0 / omega.shape[1])
+    z = scale * torch.cos(angle)
+    if not derivative:
+        return z
+    return z, scale * torch.sin(angle) * proj  # proj ∝ 1/γ: ∂proj/∂log γ = −proj
 
 
 class GaussianAllocator:
@@ -320,6 +325,40 @@ class GaussianAllocator:
             logdet = logdet + 2 * torch.log(torch.diagonal(chol)).sum()
         return -0.5 * (quad / s2_eta + logdet + batch * math.log(2 * math.pi))
 
+    def log_prob_gradient(self, x, advantage, phi, z, dz, raw=None) -> np.ndarray:
+        """∇_λ of mean_m a_m log p(x_m | λ), in closed form: what autograd gives through log_prob up to
+        rounding, without its overhead (most of learn's time, for four numbers).
+
+        x [M, B] and advantage a [M]; phi as log_prob's; z, dz = random_features(..., derivative=True)
+        at λ's log γ; λ is the state's unless `raw` is given. With r_m = x_m − μ, ρ = (1 − η)/η,
+        A = I + ρ ZᵀZ and w_m = s²η K⁻¹r_m = r_m − ρ Z A⁻¹Zᵀr_m (Woodbury):
+            ∂ log p_m/∂μ = w_m / s²η                 (β0, β1 through μ = β0 + β1 Φ̃)
+            ∂ log p_m/∂log s = r_mᵀw_m / s²η − B
+            ∂ log p_m/∂Z = ρ (w_m w_mᵀZ / s²η − Z A⁻¹)
+        the last from d(r_mᵀK⁻¹r_m) = −2ρ w_mᵀ dZ Zᵀw_m / s²η and d log det K = 2ρ tr(A⁻¹Zᵀ dZ);
+        log γ enters through ∂Z/∂log γ = dz. Zᵀw_m = A⁻¹Zᵀr_m comes out of the Woodbury solve.
+        """
+        b0, b1, log_s, _ = self.state.raw if raw is None else [float(v) for v in raw]
+        # torch, not numpy: its products keep to the coordinator's one thread, where numpy's BLAS starts
+        # its own (at B = 65,536 that made learn 7× slower on shared cores); at B = 32 numpy was ~10% faster
+        x, advantage, phi = (torch.as_tensor(v, dtype=torch.float64) for v in (x, advantage, phi))
+        count, batch = x.shape
+        r = x - (b0 + b1 * phi)
+        s2_eta = math.exp(2 * log_s) * self.nugget
+        w = r
+        if z is not None:
+            ratio = (1 - self.nugget) / self.nugget
+            inner = torch.addmm(torch.eye(z.shape[1], dtype=z.dtype), z.T, z, alpha=ratio)  # A
+            z_inner = torch.cholesky_solve(z.T, torch.linalg.cholesky(inner)).T  # Z A⁻¹ (A is symmetric)
+            solved = r @ z_inner  # rows A⁻¹Zᵀr_m = Zᵀw_m
+            w = torch.addmm(r, solved, z.T, alpha=-ratio)
+        weighted = w * (advantage / (count * s2_eta))[:, None]  # rows a_m K⁻¹r_m / M
+        mean_advantage = float(advantage.mean())  # 0 up to rounding for learn's advantages, not in general
+        d_log_s = float((weighted * r).sum()) - batch * mean_advantage
+        d_log_gamma = 0.0 if z is None else ratio * (float((weighted @ dz * solved).sum())
+                                                     - mean_advantage * float((z_inner * dz).sum()))
+        return np.array([float(weighted.sum()), float((weighted @ phi).sum()), d_log_s, d_log_gamma])
+
     def learn(self, ask: GaussianAsk, c_hat: np.ndarray, shared_scores: np.ndarray | None = None) -> None:
         """One likelihood-ratio step on (β1, log s, log γ): ∇E[J] ≈ (1/M) Σ_m (J_m − b_m) ∇ log p(x_m | λ),
         with the leave-one-out baseline b_m, and advantages divided by mean J so the step is scale-free.
@@ -334,34 +373,33 @@ class GaussianAllocator:
         c = np.nan_to_num(np.asarray(c_hat, np.float64), nan=0.0)
         if self.learning_rate <= 0 or not np.any(c > 0):
             return
-        raw = torch.tensor(self.state.raw, dtype=torch.float64, requires_grad=True)
-        with torch.no_grad():
-            z = random_features(ask.unit, ask.omega, ask.phase, raw[3])
-            x = self._sample(raw[0] + raw[1] * ask.phi, z, raw[2], ask.rng, self.candidates)
+        b0, b1, log_s, log_g = torch.tensor(self.state.raw, dtype=torch.float64)
+        z, dz = random_features(ask.unit, ask.omega, ask.phase, log_g, derivative=True)
+        x = self._sample(b0 + b1 * ask.phi, z, log_s, ask.rng, self.candidates)
         candidates = water_fill(x.numpy(), ask.budget, ask.a_min)
         j = (c / candidates).sum(1) if shared_scores is None else shared_variance_objective(c, candidates, shared_scores)
         baseline = (j.sum() - j) / (len(j) - 1)
-        advantage = torch.from_numpy((j - baseline) / j.mean())
-        optimizer = self._adam(raw)
-        (advantage * self.log_prob(x, ask.phi, ask.unit, ask.omega, ask.phase, raw)).mean().backward()
+        advantage = (j - baseline) / j.mean()
+        grad = self.log_prob_gradient(x, advantage, ask.phi, z, dz)
         # β0 and the frozen components: Adam moves a coordinate whose gradient was always 0 by exactly 0
-        raw.grad[list(self.frozen)] = 0.0
-        optimizer.step()
-        with torch.no_grad():
-            raw[2].clamp_(min=math.log(self.min_scale * self.state.beta0))
-        moments = optimizer.state[raw]
-        self.state = LambdaState(*raw.detach().tolist(), float(moments["step"]),
-                                 tuple(moments["exp_avg"].tolist()), tuple(moments["exp_avg_sq"].tolist()))
+        grad[list(self.frozen)] = 0.0
+        self._adam_step(grad)
 
-    def _adam(self, raw: torch.Tensor) -> torch.optim.Adam:
-        """torch's Adam over λ, resumed from the moments in the state, at this step's decayed size."""
-        step_size = self.learning_rate / math.sqrt(1.0 + self.state.adam_step / self.decay_steps)
-        optimizer = torch.optim.Adam([raw], lr=step_size)
-        if self.state.adam_step:
-            optimizer.state[raw] = {"step": torch.tensor(self.state.adam_step, dtype=torch.float32),
-                                    "exp_avg": torch.tensor(self.state.adam_m, dtype=torch.float64),
-                                    "exp_avg_sq": torch.tensor(self.state.adam_v, dtype=torch.float64)}
-        return optimizer
+    def _adam_step(self, grad: np.ndarray, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        """One step of torch.optim.Adam (its defaults), descending `grad`, from and to the moments in
+        the state, at this step's decayed size; then log s is clamped to its floor. Written out over
+        plain floats: building torch's optimizer for four numbers cost more than the whole gradient."""
+        state, (beta1, beta2) = self.state, betas
+        lr = self.learning_rate / math.sqrt(1.0 + state.adam_step / self.decay_steps)
+        step = state.adam_step + 1.0
+        grad = grad.tolist()
+        # β1 m + (1 − β1) g, in the form torch's lerp_ computes it
+        m = [mi + (1 - beta1) * (gi - mi) for mi, gi in zip(state.adam_m, grad)]
+        v = [beta2 * vi + (1 - beta2) * gi * gi for vi, gi in zip(state.adam_v, grad)]
+        step_size, root_bias2 = lr / (1 - beta1**step), math.sqrt(1 - beta2**step)
+        raw = [p - step_size * (mi / (math.sqrt(vi) / root_bias2 + eps)) for p, mi, vi in zip(state.raw, m, v)]
+        raw[2] = max(raw[2], math.log(self.min_scale * state.beta0))
+        self.state = LambdaState(*raw, step, tuple(m), tuple(v))
 
 
 def make_allocator(name: str, *, pilot_units: int = 1, reuse_pilot: bool = True, learning_rate: float = 0.05,

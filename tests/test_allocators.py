@@ -1,11 +1,12 @@
 import itertools
+import math
 
 import numpy as np
 import pytest
 import torch
 
-from flops_dist.allocators import (BatchFeatures, BernoulliAllocator, GaussianAllocator, NeymanAllocator,
-                                   UniformAllocator, make_allocator, optimal_integer_allocation,
+from flops_dist.allocators import (BatchFeatures, BernoulliAllocator, GaussianAllocator, LambdaState,
+                                   NeymanAllocator, UniformAllocator, make_allocator, optimal_integer_allocation,
                                    project_to_budget, random_features, shared_variance_objective, standardize,
                                    variance_objective, water_fill)
 from flops_dist.estimators import QueryLosses, estimate, shared_unit_scores, variance_scale
@@ -112,6 +113,37 @@ def test_gaussian_log_prob_matches_a_dense_multivariate_normal():
         cov = 0.7**2 * ((1 - alloc.nugget) * z @ z.T + alloc.nugget * torch.eye(batch, dtype=torch.float64))
         dense = torch.distributions.MultivariateNormal(1.2 + 0.4 * phi, covariance_matrix=cov).log_prob(x)
         assert torch.allclose(alloc.log_prob(x, phi, unit, omega, phase), dense, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("batch, embedded", [(12, True), (40, True), (12, False)])
+def test_closed_form_gradient_is_autograds_through_log_prob(batch, embedded):
+    """log_prob_gradient equals autograd's ∇ of mean_m a_m log p(x_m | λ), at a λ away from the state's,
+    with B below and above R = 16 and without embeddings (no Z; ∂/∂log γ = 0). Each component is
+    compared with the size of what its mean sums, S_i = mean_m |a_m ∂_i log p_m| (autograd's Jacobian).
+    Both paths round at u = 2⁻⁵³ ≈ 1.1e-16 through a Cholesky solve with A = I + ρZᵀZ, whose condition
+    number is ≤ 1 + 2ρB ≈ 1.5e3 (Z's entries are ≤ √(2/R), so ‖Z‖² ≤ 2B; ρ = 19), and sums of ≤ B + R
+    terms: ≲ 60 · 1.5e3 · 1.1e-16 ≈ 1e-11 of S_i. 1e-10 leaves room; a wrong term is off by O(S_i)."""
+    rng = np.random.default_rng(batch)
+    alloc = GaussianAllocator(features=16)
+    count, dim = 7, 5
+    phi = torch.from_numpy(standardize(rng.normal(size=batch)))
+    unit = omega = phase = None
+    if embedded:
+        e = torch.from_numpy(rng.normal(size=(batch, dim)))
+        unit = e / e.norm(dim=1, keepdim=True)
+        omega = torch.from_numpy(rng.normal(size=(dim, 16)))
+        phase = torch.from_numpy(rng.uniform(0, 2 * np.pi, 16))
+    raw = torch.tensor([1.0, 0.4, -1.2, -0.3], dtype=torch.float64, requires_grad=True)
+    x = torch.from_numpy(rng.normal(size=(count, batch)))
+    advantage = torch.from_numpy(rng.normal(size=count))  # their mean is not 0, unlike learn's
+    (advantage * alloc.log_prob(x, phi, unit, omega, phase, raw)).mean().backward()
+    jacobian = torch.autograd.functional.jacobian(lambda lam: alloc.log_prob(x, phi, unit, omega, phase, lam),
+                                                  raw.detach())
+    size = (advantage[:, None] * jacobian).abs().mean(0).numpy()
+    z, dz = random_features(unit, omega, phase, raw.detach()[3], derivative=True)
+    closed = alloc.log_prob_gradient(x, advantage, phi, z, dz, raw.detach())
+    assert np.all(np.abs(closed - raw.grad.numpy()) <= 1e-10 * size)
+    assert (size[3] > 0) == embedded
 
 
 def test_gaussian_random_features_approximate_the_cosine_kernel():
@@ -235,6 +267,56 @@ def test_learning_resumes_bit_identically_from_the_logged_state():
                         for k, v in asdict(run(GaussianAllocator(), range(20)).state).items()})
     assert run(resumed, range(20, 40)).state == whole.state
     assert whole.state.adam_step == 40
+
+
+def autograd_learn(allocator, ask, c_hat):
+    """learn() as it was before the closed-form gradient: autograd through log_prob, then a freshly built
+    torch.optim.Adam resumed from the state's moments."""
+    c = np.nan_to_num(np.asarray(c_hat, np.float64), nan=0.0)
+    state = allocator.state
+    raw = torch.tensor(state.raw, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        z = random_features(ask.unit, ask.omega, ask.phase, raw[3])
+        x = allocator._sample(raw[0] + raw[1] * ask.phi, z, raw[2], ask.rng, allocator.candidates)
+    j = (c / water_fill(x.numpy(), ask.budget, ask.a_min)).sum(1)
+    advantage = torch.from_numpy((j - (j.sum() - j) / (len(j) - 1)) / j.mean())
+    step_size = allocator.learning_rate / math.sqrt(1.0 + state.adam_step / allocator.decay_steps)
+    optimizer = torch.optim.Adam([raw], lr=step_size)
+    if state.adam_step:
+        optimizer.state[raw] = {"step": torch.tensor(state.adam_step, dtype=torch.float32),
+                                "exp_avg": torch.tensor(state.adam_m, dtype=torch.float64),
+                                "exp_avg_sq": torch.tensor(state.adam_v, dtype=torch.float64)}
+    (advantage * allocator.log_prob(x, ask.phi, ask.unit, ask.omega, ask.phase, raw)).mean().backward()
+    raw.grad[list(allocator.frozen)] = 0.0
+    optimizer.step()
+    with torch.no_grad():
+        raw[2].clamp_(min=math.log(allocator.min_scale * state.beta0))
+    moments = optimizer.state[raw]
+    allocator.state = LambdaState(*raw.detach().tolist(), float(moments["step"]),
+                                  tuple(moments["exp_avg"].tolist()), tuple(moments["exp_avg_sq"].tolist()))
+
+
+@pytest.mark.parametrize("embedded", [True, False])
+def test_learning_follows_the_autograd_and_torch_adam_trajectory(embedded):
+    """50 learn steps with the closed-form gradient and the written-out Adam, and 50 with the autograd and
+    torch.optim.Adam they replace, from the same draws: λ and the moments agree to 1e-10 relative at every
+    step (λ is O(1), β0 = 1; the differences are rounding, ~1e-12 here). Without embeddings β1 is frozen too."""
+    c, features = heavy_tailed_problem(0)
+    if not embedded:
+        features = BatchFeatures(features.losses, None)
+    frozen = () if embedded else ("beta1",)
+    ours, reference = GaussianAllocator(frozen=frozen), GaussianAllocator(frozen=frozen)
+    for t in range(50):
+        ours.learn(ours.allocate(features, 512, 1, np.random.default_rng([5, t]))[1], c)
+        autograd_learn(reference, reference.allocate(features, 512, 1, np.random.default_rng([5, t]))[1], c)
+        got, want = ours.state, reference.state
+        assert got.adam_step == want.adam_step == t + 1
+        np.testing.assert_allclose(got.raw, want.raw, rtol=1e-10, atol=1e-10)
+        for moment in ("adam_m", "adam_v"):
+            got_m, want_m = np.array(getattr(got, moment)), np.array(getattr(want, moment))
+            assert np.linalg.norm(got_m - want_m) <= 1e-10 * np.linalg.norm(want_m)
+    start = GaussianAllocator().state
+    assert ours.state.log_s != start.log_s and (ours.state.log_gamma != start.log_gamma) == embedded
 
 
 def test_the_mean_s_scale_is_fixed_and_must_be_positive():
