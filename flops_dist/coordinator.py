@@ -412,27 +412,33 @@ class Coordinator:
     def run(self, steps: int) -> list[dict]:
         """Run up to `steps` more steps; returns their run-log rows."""
         records = []
-        every = self.cfg.output.snapshot_every
-        for _ in range(min(steps, self.cfg.train.steps - self.step)):
-            if len(self.executor.workers) < self.cfg.cluster.workers and (
-                    self.executor.workers_lost > self.restarts or self.step % self.cfg.cluster.rescale_every == 0):
-                self._fill_workers()
-            outcome = self._step()
-            self.writer.append(outcome.record, outcome.message, outcome.allocation, self.engine.allocator.state)
-            self.messages_since_snapshot.append(outcome.message)
-            alive = len(self.executor.workers)
-            self.metrics.record(outcome.record, self.executor.query_rates.tolist(), alive)
-            records.append({**dataclasses.asdict(outcome.record), "workers_alive": alive,
-                            "workers_lost": self.executor.workers_lost,
-                            "worker_restarts": self.restarts})
-            self.step += 1
-            if outcome.record.theta_hash:
-                self.agreed = (self.step, outcome.record.theta_hash)
-            if self.step % every == 0:
-                self.writer.flush()
-                self._take_snapshot()
+        try:
+            for _ in range(min(steps, self.cfg.train.steps - self.step)):
+                records.append(self._run_step())
+        finally:
+            self.writer.wait()  # a segment written in the background is on disk before the caller reads on
         self.writer.flush()
         return records
+
+    def _run_step(self) -> dict:
+        """One step, its logs and metrics, and the snapshot where one is due."""
+        if len(self.executor.workers) < self.cfg.cluster.workers and (
+                self.executor.workers_lost > self.restarts or self.step % self.cfg.cluster.rescale_every == 0):
+            self._fill_workers()
+        outcome = self._step()
+        self.writer.append(outcome.record, outcome.message, outcome.allocation, self.engine.allocator.state)
+        self.messages_since_snapshot.append(outcome.message)
+        alive = len(self.executor.workers)
+        self.metrics.record(outcome.record, self.executor.query_rates.tolist(), alive)
+        row = {**dataclasses.asdict(outcome.record), "workers_alive": alive,
+               "workers_lost": self.executor.workers_lost, "worker_restarts": self.restarts}
+        self.step += 1
+        if outcome.record.theta_hash:
+            self.agreed = (self.step, outcome.record.theta_hash)
+        if self.step % self.cfg.output.snapshot_every == 0:
+            self.writer.flush(wait=False)  # written while the run goes on; a snapshot ahead of the logs is
+            self._take_snapshot()          # not used by a resume (recover), so the order cannot lose a step
+        return row
 
     def _step(self):
         """Engine.step; if every worker dies in it, once more from the same allocator state on new

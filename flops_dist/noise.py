@@ -127,7 +127,8 @@ def accumulate(out: torch.Tensor, seeds, coefficients, kind: str = "rademacher",
     terms are added in message order at every element, so the bits equal adding whole noise vectors
     one by one."""
     seeds = np.asarray(seeds, np.int64).reshape(-1)
-    coefficients = np.asarray(coefficients, np.float32).reshape(-1)
+    with np.errstate(over="ignore"):  # beyond float32 it becomes inf, and the update is refused (all_finite)
+        coefficients = np.asarray(coefficients, np.float32).reshape(-1)
     ranges, per = blocks(out.numel(), len(seeds))
     for start, stop in ranges:
         part = out[start:stop]

@@ -155,20 +155,44 @@ def test_a_damaged_final_model_is_named_by_verify(undisturbed, tmp_path, capsys)
     assert code == 1 and f"{model}: its tensors do not match the content hash" in out
 
 
-def write_three_steps(run_dir):
+def write_three_steps(run_dir, background=False):
     """Three logged steps of real update shape (a seed can exceed 2**53; coefficients span magnitudes)."""
-    from flops_dist.record import StepRecord, record_columns
     from flops_dist.runlog import RunLogWriter
+    writer = RunLogWriter(run_dir)
+    append_three_steps(writer)
+    writer.flush(wait=not background)
+    writer.wait()
+    return run_dir / "updates" / "part-00000000-00000002.parquet"
+
+
+def append_three_steps(writer):
+    from flops_dist.record import StepRecord, record_columns
     from flops_dist.update import UpdateMessage
     rng = np.random.default_rng(0)
-    writer = RunLogWriter(run_dir)
     blank = {name: kind() for name, kind in record_columns()}
     for t in range(3):
         scale = 10.0**rng.integers(-8, 8)
         msg = UpdateMessage(t, 0.3, rng.integers(0, 2**61, 50 + t), rng.standard_normal(50 + t) * scale)
         writer.append(StepRecord(**{**blank, "step": t}), msg, np.arange(4), None)
-    writer.flush()
-    return run_dir / "updates" / "part-00000000-00000002.parquet"
+
+
+def test_a_segment_written_in_the_background_is_the_one_written_in_place(tmp_path):
+    for sub in ("updates", "run_log"):
+        in_place = pq.read_table(write_three_steps(tmp_path / "here").parent.parent / sub)
+        assert pq.read_table(write_three_steps(tmp_path / "behind", background=True).parent.parent / sub) \
+            .equals(in_place)
+
+
+def test_a_background_write_that_fails_is_raised_by_the_next_flush(tmp_path):
+    from flops_dist.runlog import RunLogWriter
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "updates").write_text("a file where the log's folder goes")
+    writer = RunLogWriter(run_dir)
+    append_three_steps(writer)
+    writer.flush(wait=False)  # the write fails in its thread, not here
+    with pytest.raises(ValueError, match="updates is a symbolic link or not a directory"):
+        writer.flush()
 
 
 def test_a_list_value_is_in_its_rows_checksum_and_slicing_does_not_move_it(tmp_path):
