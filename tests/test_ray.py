@@ -4,6 +4,7 @@ import numpy as np
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -239,21 +240,24 @@ def test_every_worker_killed_at_once_is_replaced_from_the_snapshot(tmp_path):
 
 def test_a_dead_coordinator_resumes_from_snapshot_and_log_bit_identically(tmp_path):
     # a run on 3 Parquet parts, resumed from them
-    cfg = make_config(tmp_path, steps=16)
+    steps = 200
+    cfg = make_config(tmp_path, steps=steps)
     cfg.output.snapshot_every, cfg.output.log_every = 5, 3
     parts = str(write_parquet(blobs(), tmp_path / "parts", parts=3))
     coordinator = start_coordinator(cfg, train_data=ParquetSource(parts, "input", "label"))
     ray.get(coordinator.info.remote())  # started
-    pending = coordinator.run.remote(16)
-    time.sleep(1.0)  # somewhere mid-run: the result must not depend on where
+    pending = coordinator.run.remote(steps)
+    logs = Path(cfg.output.run_dir) / "run_log"
+    while not list(logs.glob("part-*.parquet")):  # somewhere mid-run, once a segment is written: the
+        time.sleep(0.05)                          # result must not depend on where
     ray.kill(coordinator)
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(pending)
     logged = read_log(cfg.output.run_dir, "run_log").num_rows
-    assert logged < 16
+    assert 0 < logged < steps
     result = train(build_mlp(), cross_entropy, parts, cfg, progress=lambda line: None, resume=True)
     assert torch.equal(trained_theta(result.model), reference_theta(cfg))
-    assert result.run_log.column("step").to_pylist() == list(range(16))
+    assert result.run_log.column("step").to_pylist() == list(range(steps))
 
 
 def test_a_corrupt_snapshot_falls_back_to_the_last_good_state(tmp_path, caplog):
