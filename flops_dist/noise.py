@@ -68,17 +68,24 @@ def _words_torch(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     return hash32(x ^ k2 ^ ((counters >> 32) & _MASK32).reshape(1, -1))
 
 
-# the eight signs of every byte, bit 0 first: 1 - 2·bit, so a hash word's 32 signs are four lookups
+# the eight signs of every byte, bit 0 first (1 − 2·bit), so a hash word's 32 signs are four lookups;
+# and the same as float32 sign bits alone: c·(±1) is c with its sign bit flipped where u is −1
 _SIGNS_OF_BYTE = (1 - 2 * np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
                   .astype(np.int8)).astype(np.float32)
+_SIGN_BITS_OF_BYTE = _SIGNS_OF_BYTE.view(np.uint32) & np.uint32(1 << 31)
+
+
+def _per_byte(table: np.ndarray, seeds: np.ndarray, numel: int, offset: int) -> tuple[np.ndarray, int]:
+    """table[b] for every byte b of the hash words that hold elements [offset, offset + numel), in
+    element order (bit i of word k at 32k + i): [seeds, 32·words], and where element `offset` is.
+    One lookup pass, where unpacking the bits and scaling them took three (measured 1.6× slower)."""
+    first, last = offset >> 5, (offset + numel - 1) >> 5
+    w = _words_numpy(seeds, np.arange(first, last + 1)).astype("<u4")  # explicit byte order
+    return np.take(table, w.view(np.uint8), axis=0).reshape(len(seeds), -1), offset - 32 * first
 
 
 def _rademacher_numpy(seeds: np.ndarray, numel: int, offset: int) -> torch.Tensor:
-    first, last = offset >> 5, (offset + numel - 1) >> 5
-    w = _words_numpy(seeds, np.arange(first, last + 1)).astype("<u4")  # explicit byte order
-    # a table lookup per byte: one pass, where unpacking bits and scaling them took three (measured 1.6× slower)
-    signs = np.take(_SIGNS_OF_BYTE, w.view(np.uint8), axis=0).reshape(len(seeds), -1)  # bit i of word k at 32k + i
-    start = offset - 32 * first
+    signs, start = _per_byte(_SIGNS_OF_BYTE, seeds, numel, offset)
     return torch.from_numpy(signs[:, start:start + numel])
 
 
@@ -142,24 +149,15 @@ def accumulate(out: torch.Tensor, seeds, coefficients, kind: str = "rademacher",
     return out
 
 
-# bit 31 (a float32's sign) of every sign of a byte, bit 0 first: set where the noise element is −1
-_SIGN_BITS_OF_BYTE = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1,
-                                   bitorder="little").astype(np.uint32) << np.uint32(31)
-
-
 def _add_signed_terms(part: torch.Tensor, seeds: np.ndarray, coefficients: np.ndarray, offset: int) -> None:
     """part += Σ c_s·u(seed_s) in order, for Rademacher noise on the CPU. c_s·(±1) is c_s with its
     sign bit flipped where u is −1, so the terms are made as bits in one pass (no ±1 rows to
     multiply). numpy sums down axis 0 one row after another at every element (its pairwise
     summation only runs along a contiguous reduced axis, which a row of two or more elements is
     not), so folding `part` into the first row gives the loop's bits, in one block of memory."""
-    numel = part.numel()
-    first, last = offset >> 5, (offset + numel - 1) >> 5
-    words = _words_numpy(seeds, np.arange(first, last + 1)).astype("<u4")  # explicit byte order
-    terms = np.take(_SIGN_BITS_OF_BYTE, words.view(np.uint8), axis=0).reshape(len(seeds), -1)
-    np.bitwise_xor(terms, coefficients.view(np.uint32)[:, None], out=terms)
-    start = offset - 32 * first
-    terms = terms.view(np.float32)[:, start:start + numel]
+    terms, start = _per_byte(_SIGN_BITS_OF_BYTE, seeds, part.numel(), offset)
+    np.bitwise_xor(terms, coefficients.view(np.uint32)[:, None], out=terms)  # before slicing: one contiguous pass
+    terms = terms.view(np.float32)[:, start:start + part.numel()]
     terms[0] += part.numpy()
     part.copy_(torch.from_numpy(np.add.reduce(terms, axis=0)))
 
