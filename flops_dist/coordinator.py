@@ -46,10 +46,11 @@ class RayExecutor(Executor):
     step (the allocator's learning, the logs). Before any other call it goes alone, and an actor
     runs one caller's calls in the order sent, so each worker's next call finds θ_{t+1}."""
 
+    sends_ahead = True
+
     def __init__(self, workers: list, noise_cost: float = 0.0, prefix_reuse: bool = False):
         self.workers = list(workers)
         self.prefix_reuse = prefix_reuse
-        self.sends_ahead = True
         self.speeds = np.ones(len(workers))
         self.noise_cost = noise_cost
         self.unsent = None   # the last update, while no call has carried it yet

@@ -100,8 +100,7 @@ class Executor(abc.ABC):
             return None
         per_chunk, holder = self.clean_owner
         needed = np.unique(chunks.examples[items] // per_chunk)
-        return {int(i): self.prefix_outputs[i] for i in needed.tolist()
-                if i in self.prefix_outputs and (i >= len(holder) or holder[i] != w)} or None
+        return {i: self.prefix_outputs[i] for i in needed.tolist() if holder[i] != w} or None
 
     @abc.abstractmethod
     def _scatter(self, method: str, costs: np.ndarray, take, store, everyone: bool = False,

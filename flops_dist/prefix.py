@@ -123,9 +123,10 @@ class FrozenPrefix:
 
     def portable(self, captured: list[dict]) -> list[dict]:
         """One clean chunk's outputs as another replica needs them (`on_device` takes them back), a
-        dead one cut to its first example: numpy arrays of their own, which Ray passes without
-        pickling (a pickled tensor cost the coordinator about 1 ms a step), bfloat16 as a tensor."""
-        own = lambda v: v.detach().cpu().clone() if v.dtype == torch.bfloat16 else v.detach().cpu().numpy().copy()
+        dead one cut to its first example: numpy arrays, which Ray passes without pickling (a pickled
+        tensor cost the coordinator about 1 ms a step) and which, views or not, carry only their own
+        elements; bfloat16 as a tensor of its own (a view would pickle its whole base)."""
+        own = lambda v: v.detach().cpu().clone() if v.dtype == torch.bfloat16 else v.detach().cpu().numpy()
         return [{n: pytree.tree_map(lambda v: own(v[:1]) if n in self.dead else own(v), c[n]) for n in self.names}
                 for c in captured]
 
