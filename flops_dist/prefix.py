@@ -11,7 +11,10 @@ is perturbed (checked once, at start).
 A prefix output that the network's output does not depend on (in a ViT whose last prefix module is
 the final norm, the blocks' outputs are only computed on and dropped) is dead: found at start by
 replacing it with NaN and with other numbers, it is kept for one example only and replayed to every
-query as that one, so a query neither gathers it nor computes on it row by row.
+query as that one, so a query neither gathers it nor computes on it row by row. The network's own
+input is found dead the same way (replaced by other inputs, the output stays bit-identical): a
+vmapped query then gets one example's input, unbatched, and the model's code before the replayed
+modules (a reshape into patches) runs once per chunk, not once per query.
 """
 from __future__ import annotations
 
@@ -66,11 +69,14 @@ class FrozenPrefix:
         self.model, self.names = model, list(names)
         self.modules = {n: model.get_submodule(n) for n in self.names}
         self.dead: set[str] = set()  # the outputs the network's output does not depend on (find)
+        self.input_dead = False  # whether, with the outputs replayed, the network's input is not used either
 
     @classmethod
-    def find(cls, model: nn.Module, owners: set[str], run_clean, run_perturbed, rows: int) -> "FrozenPrefix | None":
+    def find(cls, model: nn.Module, owners: set[str], run_on, run_perturbed, inputs: torch.Tensor) -> "FrozenPrefix | None":
         """`owners`: the modules that hold a target parameter (or the module a user named as the
-        boundary). `run_clean`/`run_perturbed`: a forward on `rows` examples at θ and at a far-off θ."""
+        boundary). `run_on(x)`: a forward on examples x at θ; `run_perturbed()`: one on `inputs` at a
+        far-off θ."""
+        rows, run_clean = len(inputs), lambda: run_on(inputs)
         events, clean = _watch(model, run_clean)
         names = [n for n in _candidates(model, events, owners) if _batch_first(clean[n], rows)]
         if not names:  # nothing runs before the target: no far-off θ to make (a d-sized copy)
@@ -81,7 +87,9 @@ class FrozenPrefix:
         if not outermost:
             return None
         prefix = cls(model, outermost)
-        prefix.dead = prefix._dead_outputs(run_clean, {n: clean[n] for n in outermost})
+        values = {n: clean[n] for n in outermost}
+        prefix.dead = prefix._dead_outputs(run_clean, values)
+        prefix.input_dead = prefix._input_dead(run_on, inputs, values)
         return prefix
 
     def _dead_outputs(self, run, values: dict[str, object]) -> set[str]:
@@ -97,6 +105,17 @@ class FrozenPrefix:
                               for f in stand_ins):
                 dead.add(name)
         return dead
+
+    def _input_dead(self, run_on, inputs: torch.Tensor, values: dict[str, object]) -> bool:
+        """Whether, with the prefix replayed, other inputs leave the output bit-identical: NaN and
+        2x + 1 for floating inputs, zeros and the rows rolled by one for others (token ids)."""
+        with self.replay(values):
+            reference = run_on(inputs)
+            if inputs.is_floating_point():
+                stand_ins = (torch.full_like(inputs, float("nan")), 2 * inputs + 1)
+            else:
+                stand_ins = (torch.zeros_like(inputs), inputs.roll(1, 0))
+            return all(_same(run_on(other), reference) for other in stand_ins)
 
     def _same_output(self, run, values, reference) -> bool:
         with self.replay(values):

@@ -136,8 +136,8 @@ class PerturbedForward:
             raise ValueError(f"target.frozen_prefix {boundary!r} is not a submodule of the model")
         owners = self.target.owners() if boundary == "auto" else {boundary}
         far = lambda: {k: v[0] for k, v in self.target.perturbed(theta, [0x5EED], 0.5, self.noise_kind).items()}
-        self.prefix = FrozenPrefix.find(self.model, owners, lambda: self._call(self.target.unflatten(theta), inputs),
-                                        lambda: self._call(far(), inputs), len(inputs))
+        self.prefix = FrozenPrefix.find(self.model, owners, lambda x: self._call(self.target.unflatten(theta), x),
+                                        lambda: self._call(far(), inputs), inputs)
 
     def _call(self, params: dict[str, torch.Tensor], inputs):
         # only the target is swapped in: the rest of the module is its own, frozen parameters
@@ -210,7 +210,8 @@ class PerturbedForward:
             outputs = vmap(lambda p, x: self._call(p, x.unsqueeze(0))[0])(params, inputs)
         else:
             live, dead = self.prefix.take_live(self.prefix_values, examples)
-            outputs = vmap(lambda p, x, v: self._one_tail(p, x, v, dead))(params, inputs, live)
+            x, x_dim = (inputs[0], None) if self.prefix.input_dead else (inputs, 0)  # a dead input: one, unbatched
+            outputs = vmap(lambda p, x, v: self._one_tail(p, x, v, dead), in_dims=(0, x_dim, 0))(params, x, live)
         return self.losses(outputs, inputs, labels)[0].float()
 
     def _one_tail(self, params, x, live, dead):

@@ -159,10 +159,12 @@ def build_tower(leak: bool = False) -> nn.Module:
 
 class Chain(nn.Module):
     """Modules one after another, with glue (a scale, a mean) between them, like the digits ViT: when
-    the last frozen module is replayed, the earlier ones' outputs are computed on and then dropped."""
+    the last frozen module is replayed, the earlier ones' outputs are computed on and then dropped.
+    `skip` adds the input's first features to the head's output, so the input is used past the prefix."""
 
-    def __init__(self):
+    def __init__(self, skip: bool = False):
         super().__init__()
+        self.skip = skip
         self.embed = nn.Linear(10, 16)
         self.body = nn.Sequential(nn.Linear(16, 16), nn.GELU())
         self.norm = nn.LayerNorm(16)
@@ -170,10 +172,15 @@ class Chain(nn.Module):
 
     def forward(self, x):
         h = self.body(2.0 * self.embed(x).unsqueeze(-2)).mean(-2)
-        return self.head(self.norm(h))
+        out = self.head(self.norm(h))
+        return out + x[..., :3] if self.skip else out
 
 
-def build_chain(leak: bool = False) -> nn.Module:
+def build_chain(leak: bool = False, skip: bool = False) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return Chain()
+        return Chain(skip)
+
+
+def build_skip_chain(leak: bool = False) -> nn.Module:
+    return build_chain(skip=True)

@@ -59,6 +59,8 @@ def test_a_forward_only_step_changes_theta_identically_on_two_replicas(minilm_jo
     record = engine.step(0).record
     assert replicas[0].d == d
     assert (replicas[0].forward.prefix and replicas[0].forward.prefix.names) == prefix
+    if prefix:  # the tail's attention and pooling mask padding by the token ids: the input stays live
+        assert not replicas[0].forward.prefix.input_dead
     assert torch.isfinite(torch.tensor(record.loss)) and record.dropped_queries == 0
     assert len({r.hash() for r in replicas}) == 1  # the chunks were dealt to both, the bits agree
     assert not torch.equal(replicas[0].theta, start)
