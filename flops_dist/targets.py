@@ -120,9 +120,10 @@ class PerturbedForward:
             p.requires_grad_(False)
         # functional_call looks for tied weights on every call, a walk over all modules: only where there are any
         self.tied = len(list(model.named_parameters(remove_duplicate=False))) > len(list(model.parameters()))
-        self.embedding_module = embedding_module
-        if embedding_module is not None and embedding_module not in dict(model.named_modules()):
+        modules = dict(model.named_modules())
+        if embedding_module is not None and embedding_module not in modules:
             raise ValueError(f"embedding module {embedding_module!r} is not a submodule of the model")
+        self.embedding = None if embedding_module is None else modules[embedding_module]  # found once, not per forward
         self.prefix: FrozenPrefix | None = None
         self.prefix_values = None  # the held batch's prefix outputs, [batch, ...] per prefix module
 
@@ -160,9 +161,8 @@ class PerturbedForward:
         output, else the model's output; token-averaged where they have a token axis. With
         `captured`, the prefix modules' outputs are appended to it."""
         embedded, handle = [], None
-        if self.embedding_module is not None:
-            module = dict(self.model.named_modules())[self.embedding_module]
-            handle = module.register_forward_hook(lambda m, i, o: embedded.append(o))
+        if self.embedding is not None:
+            handle = self.embedding.register_forward_hook(lambda m, i, o: embedded.append(o))
         recording = self.prefix.capture(captured) if captured is not None and self.prefix else contextlib.nullcontext()
         try:
             with recording:
