@@ -111,7 +111,7 @@ def running_mean(x, w=WINDOW):
     return np.array([(c[t + 1] - c[max(0, t + 1 - w)]) / min(t + 1, w) for t in range(len(x))])
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3, help="train.seed = 0 .. seeds-1")
     parser.add_argument("--steps", type=int, default=300)
@@ -122,38 +122,38 @@ def main():
     args = parser.parse_args()
     if args.smoke:
         args.seeds, args.steps, args.reps, args.batches = 1, 4, 3, 2
-    torch.set_num_threads(1)  # small ops on a shared machine: more threads are far slower
-    report = Report()
-    emit, progress = report.emit, report.progress
-    lrs = [float(x) for x in args.lrs.split(",")]
-    setup = Setup()
-    cfg = config("uniform")
-    budget = cfg.train.batch_size * cfg.train.queries_per_example
-    checkpoints = (0, args.steps // 2, args.steps)
-    out = fresh_dir("allocators_digits")
-    progress(f"writing to {out}")
-    runs = {}  # (name, lr, seed) -> result
+    args.lrs = [float(x) for x in args.lrs.split(",")]
+    args.checkpoints = (0, args.steps // 2, args.steps)
+    return args
+
+
+def train_all(setup, args, progress) -> dict:
+    """(allocator, lr, seed) -> its run, every allocator at every rate and seed."""
+    runs, lrs = {}, args.lrs
     for lr in lrs:
         for seed in range(args.seeds):
             for name in ALLOCATORS:
                 # θ of uniform seed 0 is where gradients are measured; λ of flops seed 0 is measured there
-                keep = checkpoints if lr == lrs[0] and (name == "flops" or name == "uniform" and seed == 0) else ()
-                runs[name, lr, seed] = train(setup, name, seed, lr, args.steps, keep)
-                r = runs[name, lr, seed]
+                keep = args.checkpoints if lr == lrs[0] and (name == "flops" or name == "uniform" and seed == 0) else ()
+                r = runs[name, lr, seed] = train(setup, name, seed, lr, args.steps, keep)
                 progress(f"trained {name:12s} lr {lr} seed {seed}: loss {r['loss'][-WINDOW:].mean():.4f} "
                          f"acc {r['accuracy']:.3f}")
+    return runs
 
-    # 1. gradient error at the uniform run's checkpoints, on fixed batches
+
+def report_gradient_errors(setup, runs, args, budget, emit, progress) -> None:
+    """Section 1: every allocator's gradient error at the uniform run's checkpoints, on fixed batches."""
+    cfg, lr = config("uniform"), args.lrs[0]
     pick = np.random.default_rng(12345)
     batches = [pick.choice(len(setup.train), cfg.train.batch_size, replace=False) for _ in range(args.batches)]
-    base = runs["uniform", lrs[0], 0]
+    base = runs["uniform", lr, 0]
     replica = setup.replica(cfg)
     errors, oracle = {}, {}
-    for t in checkpoints:
+    for t in args.checkpoints:
         replica.restore(base["snapshot"][t], t, [])
         oracle[t] = oracle_ratio(replica, setup.train, batches, budget, cfg.train.min_queries)
         for name in ALLOCATORS:
-            state = runs["flops", lrs[0], 0]["allocator_state"][t] if name == "flops" else None
+            state = runs["flops", lr, 0]["allocator_state"][t] if name == "flops" else None
             # flops is measured as flops-frozen (no optimizer: λ does not move) with its learned λ loaded
             measured = config("flops-frozen" if name == "flops" else name)
             errors[name, t] = gradient_errors(measured.train, replica, setup.train, batches, args.reps, state)
@@ -162,11 +162,11 @@ def main():
     emit(f"digits head fine-tuning, d = {replica.d}, B = {cfg.train.batch_size}, budget {budget} queries/step "
          f"for every allocator, {args.steps} steps, seeds 0..{args.seeds - 1}")
     emit()
-    emit(f"1. Gradient estimate error, θ of the uniform lr {lrs[0]} seed-0 run; {args.batches} fixed batches "
+    emit(f"1. Gradient estimate error, θ of the uniform lr {lr} seed-0 run; {args.batches} fixed batches "
          f"x {args.reps} repeats; ± jackknife over batches.")
     emit("   MSE, variance, bias²: divided by uniform's MSE. g-gain = gᵀE[ĝ]/‖g‖² (1: unbiased along g).")
     emit("   oracle = V(A*)/V(uniform) for the exact optimum on the true per-example c_j (analytic bound).")
-    for t in checkpoints:
+    for t in args.checkpoints:
         unif = errors["uniform", t]
         emit(f"   after {t} steps: uniform MSE {unif[:, 0].mean():.3g} (theory {oracle[t][1]:.3g}), "
              f"‖g‖² {unif[:, 3].mean():.3g}, oracle {oracle[t][0]:.3f}")
@@ -177,26 +177,37 @@ def main():
             cells += [jackknife_ratio(e[:, 2], e[:, 3]), jackknife_ratio(e[:, 4], e[:, 3])]
             emit(f"   {name:14s}" + "".join(f"{m:>9.3f} ± {s:.3f}" for m, s in cells))
     emit("   flops λ of seed 0 (allocations depend only on β1/β0 and s/β0): " + "; ".join(
-        f"step {t}: {show_lambda(runs['flops', lrs[0], 0]['lam'][t])}" for t in checkpoints))
+        f"step {t}: {show_lambda(runs['flops', lr, 0]['lam'][t])}" for t in args.checkpoints))
     emit()
 
-    def finals(name, lr):  # per seed: final train loss, test accuracy
-        return (np.array([runs[name, lr, s]["loss"][-WINDOW:].mean() for s in range(args.seeds)]),
-                np.array([runs[name, lr, s]["accuracy"] for s in range(args.seeds)]))
 
-    emit(f"2. Training at lr {lrs[0]} (mean ± std over {args.seeds} seeds)")
+def finals(runs, name, lr, seeds):
+    """Per seed: the final train loss (mean of the last WINDOW steps) and the test accuracy."""
+    return (np.array([runs[name, lr, s]["loss"][-WINDOW:].mean() for s in range(seeds)]),
+            np.array([runs[name, lr, s]["accuracy"] for s in range(seeds)]))
+
+
+def report_training(runs, args, emit) -> None:
+    """Section 2: accuracy and final loss at the job's rate, and the paired difference to uniform."""
+    lr, seeds = args.lrs[0], args.seeds
+    emit(f"2. Training at lr {lr} (mean ± std over {seeds} seeds)")
     emit(f"   {'allocator':14s}{'test accuracy':>18s}{'train loss (last ' + str(WINDOW) + ')':>26s}"
          f"{'loss − uniform, paired':>26s}")
     for name in ALLOCATORS:
-        loss, acc = finals(name, lrs[0])
-        diff = loss - finals("uniform", lrs[0])[0]  # same seed, same batches: a paired difference
+        loss, acc = finals(runs, name, lr, seeds)
+        diff = loss - finals(runs, "uniform", lr, seeds)[0]  # same seed, same batches: a paired difference
         emit(f"   {name:14s}{acc.mean():>10.4f} ± {acc.std():.4f}{loss.mean():>16.4f} ± {loss.std():.4f}"
              f"{diff.mean():>+16.4f} ± {diff.std():.4f}")
     emit("   flops λ at the end, per seed: "
-         + "; ".join(show_lambda(runs["flops", lrs[0], s]["lam"][args.steps]) for s in range(args.seeds)))
+         + "; ".join(show_lambda(runs["flops", lr, s]["lam"][args.steps]) for s in range(seeds)))
     emit()
 
-    curves = {(name, lr): running_mean(np.mean([runs[name, lr, s]["loss"] for s in range(args.seeds)], 0))
+
+def report_learning_rates(runs, args, budget, emit) -> tuple[dict, float]:
+    """Section 3: every allocator at every rate, and queries to uniform's final train loss. Returns
+    the loss curves and that target."""
+    lrs, seeds = args.lrs, args.seeds
+    curves = {(name, lr): running_mean(np.mean([runs[name, lr, s]["loss"] for s in range(seeds)], 0))
               for name in ALLOCATORS for lr in lrs}
     target = curves["uniform", lrs[0]][-1]  # = uniform's final train loss, seed mean (steps ≥ WINDOW)
 
@@ -209,31 +220,50 @@ def main():
          f"{WINDOW}-step running mean of the seed-mean loss; ratio to uniform at lr {lrs[0]}")
     emit(f"   {'allocator':14s}{'lr':>6s}{'test accuracy':>18s}{'train loss':>18s}{'queries':>10s}{'ratio':>8s}")
     for name in ALLOCATORS:
-        best = min(lrs, key=lambda lr: finals(name, lr)[0].mean())
+        best = min(lrs, key=lambda lr: finals(runs, name, lr, seeds)[0].mean())
         for lr in lrs:
-            loss, acc = finals(name, lr)
+            loss, acc = finals(runs, name, lr, seeds)
             q = to_target(name, lr)
             mark = " (best lr)" if lr == best and len(lrs) > 1 else ""
             emit(f"   {name:14s}{lr:>6g}{acc.mean():>10.4f} ± {acc.std():.4f}{loss.mean():>10.4f} ± "
                  f"{loss.std():.4f}" + (f"{q:>10d}{q / ref:>8.2f}" if q else f"{'never':>10s}{'':>8s}") + mark)
     emit()
-    emit(f"runtime {time.perf_counter() - report.began:.0f} s")
+    return curves, target
 
-    report.write(out / "allocators_digits.txt")
+
+def plot(curves, target, args, budget, path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     queries = budget * np.arange(1, args.steps + 1)
     for i, name in enumerate(ALLOCATORS):
-        for lr, style in zip(lrs, ("-", "--", ":", "-.")):
+        for lr, style in zip(args.lrs, ("-", "--", ":", "-.")):
             ax.plot(queries, curves[name, lr], style, color=f"C{i}", label=f"{name}, lr {lr:g}")
     ax.axhline(target, color="gray", lw=0.5)
     ax.set(xlabel="queries", ylabel=f"train loss ({WINDOW}-step running mean, mean of {args.seeds} seeds)",
            yscale="log", title="digits head, forward-only, equal query budget")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(out / "allocators_digits.png", dpi=120)
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    args = parse_args()
+    torch.set_num_threads(1)  # small ops on a shared machine: more threads are far slower
+    report = Report()
+    setup = Setup()
+    cfg = config("uniform")
+    budget = cfg.train.batch_size * cfg.train.queries_per_example
+    out = fresh_dir("allocators_digits")
+    report.progress(f"writing to {out}")
+    runs = train_all(setup, args, report.progress)
+    report_gradient_errors(setup, runs, args, budget, report.emit, report.progress)
+    report_training(runs, args, report.emit)
+    curves, target = report_learning_rates(runs, args, budget, report.emit)
+    report.emit(f"runtime {time.perf_counter() - report.began:.0f} s")
+    report.write(out / "allocators_digits.txt")
+    plot(curves, target, args, budget, out / "allocators_digits.png")
 
 
 if __name__ == "__main__":
