@@ -24,7 +24,6 @@ from common import fresh_dir
 from flops_dist.config import Config
 from flops_dist.coordinator import RemoteCoordinator
 from flops_dist.data import ArrayDataset
-from flops_dist.engine import ReplicaDivergence
 from flops_dist.replica import Replica, ReplicaSpec
 from flops_dist.runlog import messages, read_log
 
@@ -55,6 +54,59 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def soak_config(steps: int, run_dir: Path) -> Config:
+    cfg = Config()
+    cfg.train.steps, cfg.train.batch_size, cfg.train.queries_per_example = steps, 16, 4
+    cfg.train.chunk_size, cfg.train.sigma, cfg.train.learning_rate, cfg.train.hash_every = 8, 0.01, 0.05, 50
+    cfg.target.embedding_module = "1"
+    cfg.cluster.workers, cfg.cluster.gpus_per_worker = 2, "0"
+    cfg.output.run_dir, cfg.output.snapshot_every = str(run_dir), 100
+    cfg.metrics.port = 0
+    cfg.validate()
+    return cfg
+
+
+def kill_a_worker(coordinator, kills: int) -> None:
+    """The newest worker: by ray.kill, and every other time by SIGKILL of its process."""
+    if kills % 2:
+        os.kill(ray.get(coordinator.info.remote())["workers"][-1]["pid"], signal.SIGKILL)
+    else:
+        ray.kill(ray.get(coordinator.worker_handles.remote())[-1], no_restart=True)
+
+
+def run_with_kills(coordinator, steps: int, kill_every: int, warm_up: int) -> dict:
+    """Run to the end, a worker killed every `kill_every` steps: the kills, the last step's
+    record, the coordinator's RSS after warm-up and at the end, and the replicas' final hash. A
+    replica-hash mismatch stops the run (ReplicaDivergence), so a finished run had none."""
+    pid = ray.get(coordinator.info.remote())["pid"]
+    kills, rss_start = 0, None
+    try:
+        while chunk := ray.get(coordinator.run.remote(kill_every // 3 or 1)):
+            step, last = chunk[-1]["step"] + 1, chunk[-1]
+            if rss_start is None and step >= warm_up:
+                rss_start = rss_mib(pid)  # after warm-up: imports, first traces, first snapshot
+            if step < steps and step // kill_every > kills:
+                kill_a_worker(coordinator, kills)
+                kills += 1
+        rss_end = rss_mib(pid)
+        ray.get(coordinator.finish.remote())
+        final_hash = ray.get(ray.get(coordinator.worker_handles.remote())[0].hash.remote())
+    finally:
+        ray.kill(coordinator)
+    return dict(kills=kills, last=last, rss_start=rss_start, rss_end=rss_end, final_hash=final_hash)
+
+
+def replayed_hash(cfg: Config, run_dir: Path) -> tuple[int, str]:
+    """(steps missing from the update log, the hash of the whole log replayed onto the base weights
+    in this process)."""
+    updates = read_log(run_dir, "updates")
+    missing = len(set(range(cfg.train.steps)) - set(updates.column("step").to_pylist()))
+    spec = ReplicaSpec(sigma=cfg.train.sigma, noise=cfg.train.noise, optimizer=cfg.train.optimizer_config(),
+                       embedding_module="1")
+    replica = Replica(build_mlp(), cross_entropy, blobs(), spec)
+    return missing, replica.restore(replica.snapshot_tensors(), 0, messages(updates, 0))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=2000)
@@ -67,60 +119,20 @@ def main():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     torch.set_num_threads(1)
     run_dir = fresh_dir("soak") / "run"
-    cfg = Config()
-    cfg.train.steps, cfg.train.batch_size, cfg.train.queries_per_example = args.steps, 16, 4
-    cfg.train.chunk_size, cfg.train.sigma, cfg.train.learning_rate, cfg.train.hash_every = 8, 0.01, 0.05, 50
-    cfg.target.embedding_module = "1"
-    cfg.cluster.workers, cfg.cluster.gpus_per_worker = 2, "0"
-    cfg.output.run_dir, cfg.output.snapshot_every = str(run_dir), 100
-    cfg.metrics.port = 0
-    cfg.validate()
+    cfg = soak_config(args.steps, run_dir)
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     refs = {"model": ray.put(build_mlp()), "loss_fn": ray.put(cross_entropy), "sample": ray.put(blobs()),
             "train": ray.put(blobs()), "test": None}
-    coordinator = RemoteCoordinator.options(num_cpus=0).remote(cfg, refs)
-    pid = ray.get(coordinator.info.remote())["pid"]
-    mismatches, kills, began = 0, 0, time.perf_counter()
-    rss_start = None
-    try:
-        while True:
-            chunk = ray.get(coordinator.run.remote(args.kill_every // 3 or 1))
-            if not chunk:
-                break
-            step = chunk[-1]["step"] + 1
-            if rss_start is None and step >= warm_up:
-                rss_start = rss_mib(pid)  # after warm-up: imports, first traces, first snapshot
-            if step < args.steps and step // args.kill_every > kills:
-                victim = ray.get(coordinator.info.remote())["workers"][-1]
-                if kills % 2:
-                    os.kill(victim["pid"], signal.SIGKILL)
-                else:
-                    ray.kill(ray.get(coordinator.worker_handles.remote())[-1], no_restart=True)
-                kills += 1
-            last = chunk[-1]
-        rss_end = rss_mib(pid)
-        ray.get(coordinator.finish.remote())
-        final_hash = ray.get(ray.get(coordinator.worker_handles.remote())[0].hash.remote())
-    except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, ReplicaDivergence):
-            mismatches += 1
-        raise
-    finally:
-        ray.kill(coordinator)
+    began = time.perf_counter()
+    run = run_with_kills(RemoteCoordinator.options(num_cpus=0).remote(cfg, refs), args.steps, args.kill_every, warm_up)
     seconds = time.perf_counter() - began
-    updates = read_log(run_dir, "updates")
-    missing = len(set(range(args.steps)) - set(updates.column("step").to_pylist()))
-    # replay the whole log onto the base weights in this process: it must land on the final hash
-    spec = ReplicaSpec(sigma=cfg.train.sigma, noise=cfg.train.noise, optimizer=cfg.train.optimizer_config(),
-                       embedding_module="1")
-    replica = Replica(build_mlp(), cross_entropy, blobs(), spec)
-    replayed = replica.restore(replica.snapshot_tensors(), 0, messages(updates, 0))
-    lost = missing + int(replayed != final_hash)
-    print(f"steps {args.steps} in {seconds:.0f} s, workers killed {kills}, restarts {last['worker_restarts']}, "
+    missing, replayed = replayed_hash(cfg, run_dir)
+    last, rss_start, rss_end = run["last"], run["rss_start"], run["rss_end"]
+    print(f"steps {args.steps} in {seconds:.0f} s, workers killed {run['kills']}, restarts {last['worker_restarts']}, "
           f"workers alive at the end {last['workers_alive']}")
-    print(f"updates lost: {lost}  (missing from the log {missing}; full-log replay matches final hash: "
-          f"{replayed == final_hash})")
-    print(f"replica-hash mismatches: {mismatches}  ({args.steps // cfg.train.hash_every} checks)")
+    print(f"updates lost: {missing + int(replayed != run['final_hash'])}  (missing from the log {missing}; "
+          f"full-log replay matches final hash: {replayed == run['final_hash']})")
+    print(f"replica-hash mismatches: 0  ({args.steps // cfg.train.hash_every} checks; one would have stopped the run)")
     print(f"coordinator RSS: {rss_start:.1f} MiB after {warm_up} steps, {rss_end:.1f} MiB at the end "
           f"(growth {100 * (rss_end / rss_start - 1):+.1f}%)")
     ray.shutdown()
