@@ -126,6 +126,15 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def validate(self) -> "Config":
+        self._validate_choices()
+        self._validate_numbers()
+        self._validate_neyman()
+        self._validate_frozen()
+        self._validate_output_space()
+        self._validate_cluster_and_output()
+        return self
+
+    def _validate_choices(self) -> None:
         t = self.train
         _choice("train.estimator", t.estimator, ESTIMATORS)
         _choice("train.noise", t.noise, NOISE_KINDS)
@@ -136,6 +145,10 @@ class Config:
         _choice("train.noise_space", t.noise_space, NOISE_SPACES)
         _choice("train.layer_sigma", t.layer_sigma, LAYER_SIGMAS)
         _choice("data.metric", self.data.metric, ("accuracy", "loss"))
+
+    def _validate_numbers(self) -> None:
+        """Counts, rates and the query budget."""
+        t = self.train
         for name in ("steps", "batch_size", "queries_per_example", "min_queries", "chunk_size"):
             _at_least(f"train.{name}", getattr(t, name), 1)
         _at_least("train.seed", t.seed, 0)
@@ -161,11 +174,6 @@ class Config:
             raise ConfigError(f"train.queries_per_example: the budget N = B·A₀ = {t.batch_size}×"
                               f"{t.queries_per_example} is below the minimum B·A_min = {t.batch_size}×"
                               f"{t.min_queries}; raise queries_per_example or lower min_queries")
-        self._validate_neyman()
-        self._validate_frozen()
-        self._validate_output_space()
-        self._validate_cluster_and_output()
-        return self
 
     def _validate_neyman(self) -> None:
         t = self.train
