@@ -107,15 +107,13 @@ class FrozenPrefix:
         return dead
 
     def _input_dead(self, run_on, inputs: torch.Tensor, values: dict[str, object]) -> bool:
-        """Whether, with the prefix replayed, other inputs leave the output bit-identical: NaN and
-        2x + 1 for floating inputs, zeros and the rows rolled by one for others (token ids)."""
+        """Whether, with the prefix replayed, other inputs leave the output bit-identical: zeros (a
+        mask made from the input changes) and the rows rolled by one (other examples' values). Both
+        are inputs any model accepts; NaN or scaled ones would be bad indices where the model
+        turns its input into token ids."""
         with self.replay(values):
             reference = run_on(inputs)
-            if inputs.is_floating_point():
-                stand_ins = (torch.full_like(inputs, float("nan")), 2 * inputs + 1)
-            else:
-                stand_ins = (torch.zeros_like(inputs), inputs.roll(1, 0))
-            return all(_same(run_on(other), reference) for other in stand_ins)
+            return all(_same(run_on(other), reference) for other in (torch.zeros_like(inputs), inputs.roll(1, 0)))
 
     def _same_output(self, run, values, reference) -> bool:
         with self.replay(values):

@@ -160,11 +160,13 @@ def build_tower(leak: bool = False) -> nn.Module:
 class Chain(nn.Module):
     """Modules one after another, with glue (a scale, a mean) between them, like the digits ViT: when
     the last frozen module is replayed, the earlier ones' outputs are computed on and then dropped.
-    `skip` adds the input's first features to the head's output, so the input is used past the prefix."""
+    `skip` adds the input's first features to the head's output, so the input is used past the prefix;
+    `gate` keeps the output where the input's first feature is non-zero (as a padding mask does), so
+    it is used too, though swapping examples' inputs leaves the output as it was."""
 
-    def __init__(self, skip: bool = False):
+    def __init__(self, skip: bool = False, gate: bool = False):
         super().__init__()
-        self.skip = skip
+        self.skip, self.gate = skip, gate
         self.embed = nn.Linear(10, 16)
         self.body = nn.Sequential(nn.Linear(16, 16), nn.GELU())
         self.norm = nn.LayerNorm(16)
@@ -173,14 +175,20 @@ class Chain(nn.Module):
     def forward(self, x):
         h = self.body(2.0 * self.embed(x).unsqueeze(-2)).mean(-2)
         out = self.head(self.norm(h))
+        if self.gate:
+            out = out * (x[..., :1] != 0)
         return out + x[..., :3] if self.skip else out
 
 
-def build_chain(leak: bool = False, skip: bool = False) -> nn.Module:
+def build_chain(leak: bool = False, skip: bool = False, gate: bool = False) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return Chain(skip)
+        return Chain(skip, gate)
 
 
 def build_skip_chain(leak: bool = False) -> nn.Module:
     return build_chain(skip=True)
+
+
+def build_gated_chain(leak: bool = False) -> nn.Module:
+    return build_chain(gate=True)

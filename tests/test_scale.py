@@ -10,7 +10,7 @@ from flops_dist.engine import Engine, LocalExecutor
 from flops_dist.noise import BLOCK, accumulate, noise_batch
 from flops_dist.replica import Replica, ReplicaSpec
 from flops_dist.targets import Target
-from models import blobs, build_chain, build_skip_chain, build_tower, cross_entropy
+from models import blobs, build_chain, build_gated_chain, build_skip_chain, build_tower, cross_entropy
 
 
 def wide_model() -> nn.Module:
@@ -125,13 +125,17 @@ def test_dead_prefix_outputs_replayed_as_one_example_give_the_bits_of_the_whole_
 
 def test_an_input_used_only_by_the_prefix_is_found_dead():
     """Replayed, the tower's and the chain's prefixes are the only users of the input: a vmapped query
-    gets one example's, unbatched. The skip chain's head adds the input, so there it stays live."""
+    gets one example's, unbatched. The skip chain's head adds the input, and the gated chain masks
+    its output by the input being non-zero (which no example's is, so only zeros show it): there it
+    stays live."""
     assert tower_run("auto", steps=0)[0].forward.prefix.input_dead
     assert tower_run("auto", steps=0, build=build_chain)[0].forward.prefix.input_dead
     assert not tower_run("auto", steps=0, build=build_skip_chain)[0].forward.prefix.input_dead
+    assert not tower_run("auto", steps=0, build=build_gated_chain)[0].forward.prefix.input_dead
 
 
-@pytest.mark.parametrize("build", [build_chain, build_skip_chain], ids=["input-dead", "input-live"])
+@pytest.mark.parametrize("build", [build_chain, build_skip_chain, build_gated_chain],
+                         ids=["input-dead", "input-live", "input-gates"])
 def test_a_dead_input_passed_once_gives_the_bits_of_the_whole_network(build):
     whole = tower_run("off", build=build)[0]
     reused = tower_run("auto", replicas=2, build=build)
