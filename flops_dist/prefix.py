@@ -12,9 +12,10 @@ A prefix output that the network's output does not depend on (in a ViT whose las
 the final norm, the blocks' outputs are only computed on and dropped) is dead: found at start by
 replacing it with NaN and with other numbers, it is kept for one example only and replayed to every
 query as that one, so a query neither gathers it nor computes on it row by row. The network's own
-input is found dead the same way (replaced by other inputs, the output stays bit-identical): a
-vmapped query then gets one example's input, unbatched, and the model's code before the replayed
-modules (a reshape into patches) runs once per chunk, not once per query.
+input is tested too (replaced by zeros and by other examples' inputs, the output stays
+bit-identical): where it is dead, a vmapped query gets one example's input, unbatched, and the
+model's code before the replayed modules (a reshape into patches) runs once per chunk, not once
+per query.
 """
 from __future__ import annotations
 
