@@ -89,15 +89,15 @@ class FrozenPrefix:
             return None
         prefix = cls(model, outermost)
         values = {n: clean[n] for n in outermost}
-        prefix.dead = prefix._dead_outputs(run_clean, values)
-        prefix.input_dead = prefix._input_dead(run_on, inputs, values)
+        with prefix.replay(values):
+            reference = run_clean()  # the output the replayed network must keep, bit for bit
+        prefix.dead = prefix._dead_outputs(run_clean, values, reference)
+        prefix.input_dead = prefix._input_dead(run_on, inputs, values, reference)
         return prefix
 
-    def _dead_outputs(self, run, values: dict[str, object]) -> set[str]:
+    def _dead_outputs(self, run, values: dict[str, object], reference) -> set[str]:
         """The prefix modules whose outputs the network's output does not depend on: replaced by
         NaN, or by other finite numbers, each leaves the output bit-identical."""
-        with self.replay(values):
-            reference = run()
         dead = set()
         for name in self.names:
             floats = all(torch.is_tensor(v) and v.is_floating_point() for v in pytree.tree_leaves(values[name]))
@@ -107,13 +107,12 @@ class FrozenPrefix:
                 dead.add(name)
         return dead
 
-    def _input_dead(self, run_on, inputs: torch.Tensor, values: dict[str, object]) -> bool:
+    def _input_dead(self, run_on, inputs: torch.Tensor, values: dict[str, object], reference) -> bool:
         """Whether, with the prefix replayed, other inputs leave the output bit-identical: zeros (a
         mask made from the input changes) and the rows rolled by one (other examples' values). Both
         are inputs any model accepts; NaN or scaled ones would be bad indices where the model
         turns its input into token ids."""
         with self.replay(values):
-            reference = run_on(inputs)
             return all(_same(run_on(other), reference) for other in (torch.zeros_like(inputs), inputs.roll(1, 0)))
 
     def _same_output(self, run, values, reference) -> bool:

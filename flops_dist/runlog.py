@@ -207,7 +207,7 @@ class RunLogWriter:
 
     def flush(self, wait: bool = True) -> None:
         """Write the rows buffered so far. wait=False: in a background thread, so the run goes on
-        (100 steps of the main job's updates took 60-280 ms to write); the next flush, or wait(),
+        (100 steps of the main job's updates took 60-350 ms to write); the next flush, or wait(),
         waits for it and raises what went wrong."""
         self.wait()
         rows, msgs, self._run_rows, self._messages = self._run_rows, self._messages, [], []
