@@ -1,6 +1,7 @@
 """Frozen-prefix reuse on the main job: queries per second with and without it, in one run.
 
-    python bench/prefix_reuse.py [--steps 60] [--rounds 2] [--queries-per-example A --chunk-size C] [--smoke]
+    python bench/prefix_reuse.py [--steps 60] [--rounds 2] [--queries-per-example A --chunk-size C] [--workers W]
+                                 [--smoke]
 
 The main job (examples/digits/digits.toml: the ViT's head is the target, so the patch embedding, both
 blocks and the norm are its frozen prefix) runs with `target.frozen_prefix = "off"` and "auto" in
@@ -12,7 +13,8 @@ bench says so and fails otherwise. The last line is read by a program:
 
 S is the median over rounds of auto's queries/s over off's, each round's pair run side by side.
 --queries-per-example and --chunk-size run the job at another budget (a step's fixed costs weigh
-more at a small one).
+more at a small one). --workers runs it on another number of workers than the job's 2: with reuse a
+step's work is small beside its fixed costs, so off gains from a second worker and auto much less.
 """
 from __future__ import annotations
 
@@ -29,10 +31,10 @@ from flops_dist.loading import build_model, load_callable
 WARMUP = 5
 
 
-def run(steps: int, mode: str, run_dir, budget: dict) -> tuple[float, str]:
+def run(steps: int, mode: str, run_dir, overrides: dict) -> tuple[float, str]:
     """(queries per second after warm-up, the final model's θ hash)."""
     cfg = digits_config(train__steps=steps, target__frozen_prefix=mode, output__run_dir=str(run_dir),
-                        output__log_every=10**6, metrics__port=-1, **budget)
+                        output__log_every=10**6, metrics__port=-1, **overrides)
     cfg.data.test = ""
     result = flops_dist.train(build_model(cfg), load_callable(cfg.model.loss, "model.loss"), cfg.data.train, cfg,
                               progress=lambda line: None)
@@ -50,18 +52,21 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--queries-per-example", type=int, help="instead of the job's")
     ap.add_argument("--chunk-size", type=int, help="instead of the job's")
+    ap.add_argument("--workers", type=int, help="instead of the job's")
     ap.add_argument("--smoke", action="store_true", help="one round of 8 steps")
     args = ap.parse_args()
     steps, rounds = (8, 1) if args.smoke else (args.steps, args.rounds)
-    budget = {f"train__{k}": v for k, v in (("queries_per_example", args.queries_per_example),
-                                            ("chunk_size", args.chunk_size)) if v}
+    overrides = {f"train__{k}": v for k, v in (("queries_per_example", args.queries_per_example),
+                                               ("chunk_size", args.chunk_size)) if v}
+    if args.workers:
+        overrides["cluster__workers"] = args.workers
     out = fresh_dir("prefix_reuse")
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     ratios, hashes = [], set()
     print(f"{'round':>5} {'off q/s':>9} {'auto q/s':>9} {'speedup':>8}")
     for r in range(rounds):
-        off, h_off = run(steps, "off", out / f"off-{r}", budget)
-        auto, h_auto = run(steps, "auto", out / f"auto-{r}", budget)
+        off, h_off = run(steps, "off", out / f"off-{r}", overrides)
+        auto, h_auto = run(steps, "auto", out / f"auto-{r}", overrides)
         hashes |= {h_off, h_auto}
         ratios.append(auto / off)
         print(f"{r:>5} {off:>9.0f} {auto:>9.0f} {ratios[-1]:>8.2f}", flush=True)
