@@ -13,8 +13,8 @@ bench says so and fails otherwise. The last line is read by a program:
 
 S is the median over rounds of auto's queries/s over off's, each round's pair run side by side.
 --queries-per-example and --chunk-size run the job at another budget (a step's fixed costs weigh
-more at a small one). --workers runs it on another number of workers than the job's 2: with reuse a
-step's work is small beside its fixed costs, so off gains from a second worker and auto much less.
+more at a small one). --workers runs it on another number of workers than the job's (2): with reuse
+a step's work is small beside its fixed costs, so off gains from a second worker and auto much less.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def main():
     if args.workers:
         overrides["cluster__workers"] = args.workers
     out = fresh_dir("prefix_reuse")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=max(2, args.workers or 0), include_dashboard=False, logging_level="WARNING")
     ratios, hashes = [], set()
     print(f"{'round':>5} {'off q/s':>9} {'auto q/s':>9} {'speedup':>8}")
     for r in range(rounds):
