@@ -112,8 +112,8 @@ class FrozenPrefix:
         mask made from the input changes) and the rows rolled by one (other examples' values). Both
         are inputs any model accepts; NaN or scaled ones would be bad indices where the model
         turns its input into token ids."""
-        with self.replay(values):
-            return all(_same(run_on(other), reference) for other in (torch.zeros_like(inputs), inputs.roll(1, 0)))
+        return all(self._same_output(lambda: run_on(other), values, reference)
+                   for other in (torch.zeros_like(inputs), inputs.roll(1, 0)))
 
     def _same_output(self, run, values, reference) -> bool:
         with self.replay(values):

@@ -1,4 +1,6 @@
 """Small real models and losses shared by the tests."""
+import functools
+
 import numpy as np
 import torch
 from torch import nn
@@ -186,9 +188,5 @@ def build_chain(leak: bool = False, skip: bool = False, gate: bool = False) -> n
         return Chain(skip, gate)
 
 
-def build_skip_chain(leak: bool = False) -> nn.Module:
-    return build_chain(skip=True)
-
-
-def build_gated_chain(leak: bool = False) -> nn.Module:
-    return build_chain(gate=True)
+build_skip_chain = functools.partial(build_chain, skip=True)
+build_gated_chain = functools.partial(build_chain, gate=True)
