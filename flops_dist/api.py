@@ -121,14 +121,16 @@ def start_ray(cfg: Config) -> None:
                  logging_level=logging.WARNING)
 
 
-def _progress_line(rec: dict, total: int, began: float, first: int) -> str:
+def _progress_line(records: list[dict], total: int, began: float, first: int, metric: str) -> str:
+    rec, scored = records[-1], [r["test_metric"] for r in records if not np.isnan(r["test_metric"])]
     done = rec["step"] + 1
     rate = (done - first) / max(time.perf_counter() - began, 1e-9)
     eta = (total - done) / rate if rate > 0 else float("nan")
     lam = "" if np.isnan(rec["lambda_beta0"]) else (
         f"  λ=(β0 {rec['lambda_beta0']:.2f}, β1 {rec['lambda_beta1']:.2f}, s {rec['lambda_s']:.2f}, "
         f"γ {rec['lambda_gamma']:.2f})")
-    return (f"step {done:>5}/{total}  loss {rec['loss']:.4f}  A {rec['allocation_min']}-{rec['allocation_max']}"
+    test = f"  test {metric} {scored[-1]:.4f}" if scored else ""
+    return (f"step {done:>5}/{total}  loss {rec['loss']:.4f}{test}  A {rec['allocation_min']}-{rec['allocation_max']}"
             f"  {rate:.1f} steps/s  eta {eta:4.0f}s  workers {rec['workers_alive']}{lam}")
 
 
@@ -149,6 +151,9 @@ def train(model: nn.Module, loss_fn, train_data, config: Config, test_data=None,
         raise ConfigError(str(e)) from None
     if resume:
         check_resume(cfg, Path(cfg.output.run_dir))
+    if cfg.output.score_every and test_set is None:
+        progress(f"flops_dist: output.score_every = {cfg.output.score_every}, but no test data was given "
+                 "(data.test, or test_data=): nothing will be scored")
     start_ray(cfg)
     ship_by_value(model, loss_fn)
     refs = {"model": ray.put(model), "loss_fn": ray.put(loss_fn), "sample": ray.put(sample),
@@ -184,7 +189,7 @@ def _drive(coordinator, cfg: Config, progress, resume: bool):
         progress(f"test {cfg.data.metric} before: {before:.4f}")
     began, first = time.perf_counter(), info["step"]
     while records := ray.get(coordinator.run.remote(cfg.output.log_every)):
-        progress(_progress_line(records[-1], cfg.train.steps, began, first))
+        progress(_progress_line(records, cfg.train.steps, began, first, cfg.data.metric))
     after = ray.get(coordinator.score.remote())
     if after is not None:
         progress(f"test {cfg.data.metric} after:  {after:.4f}")

@@ -107,6 +107,8 @@ class OutputConfig:
     run_dir: str = "runs/latest"     # run log, update log and final model go here
     log_every: int = 10              # progress line and log flush every this many steps
     snapshot_every: int = 100        # θ snapshot (and log flush) every this many steps; resume replays the rest
+    score_every: int = 0             # held-out data.metric every this many steps, into the run log, the progress
+                                     # line, the plot and /metrics (0: only before and after the run); needs test data
 
 
 @dataclass
@@ -222,6 +224,7 @@ class Config:
                               f"got {self.metrics.port}")
         for name in ("snapshot_every", "log_every"):
             _at_least(f"output.{name}", getattr(self.output, name), 1)
+        _at_least("output.score_every", self.output.score_every, 0)
 
     @classmethod
     def from_dict(cls, raw: dict, base_dir: Path | None = None) -> "Config":
@@ -242,7 +245,7 @@ class Config:
 
 
 # fields that --set may change on resume: none of them changes the bits of the steps already logged
-RESUMABLE = ("train.steps", "cluster.", "metrics.", "output.log_every", "output.snapshot_every")
+RESUMABLE = ("train.steps", "cluster.", "metrics.", "output.log_every", "output.snapshot_every", "output.score_every")
 
 
 def read_raw(path: Path) -> dict:
@@ -265,7 +268,8 @@ def apply_overrides(raw: dict, overrides: list[str], allowed: tuple[str, ...] | 
             raise ConfigError(f"--set {item!r}: expected section.field=value")
         if allowed is not None and not any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed):
             raise ConfigError(f"--set {key}: cannot change when a run resumes: it would change the steps already logged; "
-                              "only train.steps, cluster.*, metrics.*, output.log_every and output.snapshot_every may")
+                              "only train.steps, cluster.*, metrics.*, output.log_every, output.snapshot_every and "
+                              "output.score_every may")
         try:
             parsed = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:

@@ -221,6 +221,7 @@ class Coordinator:
         self.engine = Engine(cfg.train, self.executor, self.train_data, self.worker_info[0]["d"])
         self.writer = RunLogWriter(self.run_dir)
         self.restarts, self.step = 0, 0
+        self.scored = (-1, float("nan"))  # (step, held-out metric at θ after it)
         self.notes: list[str] = []  # what recovery set aside or rolled back, for the user
         self.metrics = RunMetrics()
         self.metrics_url = self._serve_metrics()
@@ -403,12 +404,16 @@ class Coordinator:
         return list(self.executor.workers)
 
     def score(self) -> float | None:
-        """The test metric at θ, streamed through any live replica a batch at a time."""
+        """The test metric at θ, streamed through any live replica a batch at a time, and set on
+        /metrics. Scored once per step reached: the last in-run score is the run's final one."""
         if self.test_data is None:
             return None
-        total = sum(self._surviving(self.executor.call_any, "score_sum", batch, self.cfg.data.metric)
-                    for batch in self.test_data.batches(256))
-        return total / max(len(self.test_data), 1)
+        if self.scored[0] != self.step:
+            total = sum(self._surviving(self.executor.call_any, "score_sum", batch, self.cfg.data.metric)
+                        for batch in self.test_data.batches(256))
+            self.scored = (self.step, total / max(len(self.test_data), 1))
+            self.metrics.test_metric.labels(self.cfg.data.metric).set(self.scored[1])
+        return self.scored[1]
 
     def run(self, steps: int) -> list[dict]:
         """Run up to `steps` more steps; returns their run-log rows."""
@@ -422,20 +427,24 @@ class Coordinator:
         return records
 
     def _run_step(self) -> dict:
-        """One step, its logs and metrics, and the snapshot where one is due."""
+        """One step, its logs and metrics, its held-out score and the snapshot where either is due."""
         if len(self.executor.workers) < self.cfg.cluster.workers and (
                 self.executor.workers_lost > self.restarts or self.step % self.cfg.cluster.rescale_every == 0):
             self._fill_workers()
         outcome = self._step()
-        self.writer.append(outcome.record, outcome.message, outcome.allocation, self.engine.allocator.state)
-        self.messages_since_snapshot.append(outcome.message)
-        alive = len(self.executor.workers)
-        self.metrics.record(outcome.record, self.executor.query_rates.tolist(), alive)
-        row = {**dataclasses.asdict(outcome.record), "workers_alive": alive,
-               "workers_lost": self.executor.workers_lost, "worker_restarts": self.restarts}
+        self.messages_since_snapshot.append(outcome.message)  # first: a worker replaced while scoring needs it
         self.step += 1
         if outcome.record.theta_hash:
             self.agreed = (self.step, outcome.record.theta_hash)
+        record, every = outcome.record, self.cfg.output.score_every
+        if every and self.test_data is not None and self.step % every == 0:
+            with self.engine.off_the_clock():
+                record = dataclasses.replace(record, test_metric=self.score())
+        self.writer.append(record, outcome.message, outcome.allocation, self.engine.allocator.state)
+        alive = len(self.executor.workers)
+        self.metrics.record(record, self.executor.query_rates.tolist(), alive)
+        row = {**dataclasses.asdict(record), "workers_alive": alive,
+               "workers_lost": self.executor.workers_lost, "worker_restarts": self.restarts}
         if self.step % self.cfg.output.snapshot_every == 0:
             self.writer.flush(wait=False)  # written while the run goes on; a snapshot ahead of the logs is
             self._take_snapshot()          # not used by a resume (recover), so the order cannot lose a step

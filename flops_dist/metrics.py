@@ -43,6 +43,8 @@ class RunMetrics:
                               "Σ ĉ_j/A_j / B².", registry=r)
         self.allocator_lambda = Gauge("flops_allocator_lambda", "The flops allocator's parameters λ.", ["param"],
                                       registry=r)
+        self.test_metric = Gauge("flops_test_metric", "Held-out data.metric at θ, from its last scoring "
+                                 "(output.score_every).", ["metric"], registry=r)
         self.workers_alive = Gauge("flops_workers_alive", "Workers holding a live replica.", registry=r)
         self.worker_rate = Gauge("flops_worker_query_rate", "Measured queries per second of each worker slot.",
                                  ["worker"], registry=r)

@@ -1,7 +1,9 @@
-"""Pictures of a run: the loss curve and the allocation histograms, from its run log."""
+"""Pictures of a run: the loss curve (with the held-out scores, where the run took them) and the
+allocation histograms, from its run log."""
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import matplotlib
@@ -26,7 +28,15 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax_loss.plot(queries[window - 1:], np.convolve(loss, np.ones(window) / window, "valid"),
                      label=f"mean of {window} steps")
     ax_loss.set(xlabel="queries spent", ylabel="clean train loss", title="loss")
-    ax_loss.legend()
+    test = np.array(log["test_metric"], float)  # NaN (or null, in an older log) where not scored
+    scored, curves = ~np.isnan(test), [ax_loss]
+    if scored.any():
+        metric = json.loads((run_dir / "config.json").read_text())["data"]["metric"]
+        ax_test = ax_loss.twinx()
+        ax_test.plot(queries[scored], test[scored], "o-", color="C3", label=f"held-out {metric}")
+        ax_test.set_ylabel(f"held-out {metric}")
+        curves.append(ax_test)
+    ax_loss.legend(handles=[h for ax in curves for h in ax.get_legend_handles_labels()[0]])  # one for both y axes
     thirds = np.array_split(np.arange(len(steps)), 3)
     for part, name in zip(thirds, ("early", "middle", "late")):
         if len(part):

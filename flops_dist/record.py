@@ -28,6 +28,7 @@ class StepRecord:
     update_bytes: int
     seconds: float
     theta_hash: str = ""        # θ after this step's update, where the replicas were compared
+    test_metric: float = float("nan")  # held-out data.metric at θ after this step's update, where scored
 
 
 def record_columns() -> list[tuple[str, type]]:

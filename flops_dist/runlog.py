@@ -264,15 +264,16 @@ def scan_log(run_dir: str | Path, sub: str) -> tuple[pa.Table, list[Damage]]:
 
 def _read_part(path: Path, first: int, last: int, schema: pa.Schema) -> tuple[pa.Table | None, str]:
     try:
-        table = pq.read_table(path, schema=schema)
-    except (pa.ArrowInvalid, OSError) as e:
+        table = pq.read_table(path, schema=schema)  # a column added since the part was written reads as nulls
+        written = table.select([name for name in pq.read_schema(path).names if name in schema.names])
+    except (pa.ArrowInvalid, OSError, KeyError) as e:
         return None, f"unreadable: {e}"
     if table.column("step").to_pylist() != list(range(first, last + 1)):
         return None, "its steps do not match its name"
     stored, legacy = table.column("checksum").to_pylist(), None
-    for i, (step, computed) in enumerate(zip(table.column("step").to_pylist(), row_checksums(table))):
+    for i, (step, computed) in enumerate(zip(table.column("step").to_pylist(), row_checksums(written))):
         if stored[i] != computed:
-            legacy = legacy or row_checksums(table, lists_as_json=True)  # a log written before lists were hashed
+            legacy = legacy or row_checksums(written, lists_as_json=True)  # a log written before lists were hashed
             if stored[i] != legacy[i]:
                 return None, f"the row of step {step} fails its checksum"
     return table, ""

@@ -25,6 +25,7 @@ from models import FrozenNetLoss, blobs, build_mlp, build_projection, cross_entr
     ({"train": {"stepz": 3}}, "train.stepz: unknown field"),
     ({"cluster": {"workers": 2, "min_workers": 3}}, "cluster.workers / cluster.min_workers"),
     ({"cluster": {"gpus_per_worker": "2"}}, "cluster.gpus_per_worker: unknown value '2'"),
+    ({"output": {"score_every": -1}}, "output.score_every: must be"),
     ({"train": {"allocator_frozen": ["lambda"]}}, "train.allocator_frozen: unknown value 'lambda'; choose one of beta1"),
     ({"train": {"allocator_frozen": "beta0"}}, "train.allocator_frozen: beta0 is always fixed"),
     ({"train": {"allocator": "uniform", "allocator_frozen": ["s"]}}, "train.allocator_frozen: only the flops"),

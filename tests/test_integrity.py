@@ -224,3 +224,18 @@ def test_a_log_in_either_checksum_format_is_read_and_an_edit_to_it_is_named(tmp_
     pq.write_table(edited.set_column(column, "checksum", pa.array(sums, pa.string())), path)
     read, damage = scan_log(tmp_path / "run", "updates")
     assert read.num_rows == 0 and "the row of step 2 fails its checksum" in damage[0].why
+
+
+def test_a_run_log_written_before_a_column_was_added_is_read_with_it_empty_and_an_edit_is_named(tmp_path):
+    """A segment is checked over the columns it was written with (test_metric came later)."""
+    from flops_dist.runlog import scan_log
+    path = write_three_steps(tmp_path / "run").parent.parent / "run_log" / "part-00000000-00000002.parquet"
+    older = pq.read_table(path).drop_columns(["test_metric", "checksum"])
+    pq.write_table(older.append_column("checksum", pa.array(row_checksums(older), pa.string())), path)
+    read, damage = scan_log(tmp_path / "run", "run_log")
+    assert read.num_rows == 3 and not damage and read.column("test_metric").null_count == 3
+    loss = older.schema.get_field_index("loss")
+    edited = older.set_column(loss, "loss", pa.array([0.0, 0.5, 0.0], pa.float64()))
+    pq.write_table(edited.append_column("checksum", pa.array(row_checksums(older), pa.string())), path)
+    read, damage = scan_log(tmp_path / "run", "run_log")
+    assert read.num_rows == 0 and "the row of step 1 fails its checksum" in damage[0].why

@@ -160,6 +160,42 @@ def test_run_log_update_log_and_model_files(tmp_path):
     assert 0.0 <= result.metric_before <= 1.0 and 0.0 <= result.metric_after <= 1.0
 
 
+def test_held_out_scores_every_few_steps_are_those_of_the_reference_and_reach_log_progress_and_plot(tmp_path):
+    lines, test = [], blobs(60, seed=1)
+    cfg = make_config(tmp_path, steps=10)
+    cfg.data.metric, cfg.output.score_every = "loss", 4  # a loss moves every step, accuracy may not
+    result = train(build_mlp(), cross_entropy, blobs(), cfg, test_data=test, progress=lines.append)
+    log = read_log(result.run_dir, "run_log").to_pydict()
+    spec = ReplicaSpec(sigma=cfg.train.sigma, noise=cfg.train.noise, optimizer=cfg.train.optimizer_config(),
+                       embedding_module=cfg.target.embedding_module)
+    replica = Replica(build_mlp(), cross_entropy, blobs(), spec)
+    engine, expected, threads = Engine(cfg.train, LocalExecutor([replica]), blobs(), replica.d), {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # as a worker scores: the same θ and the same ops give the same bits
+    try:
+        expected[-1] = replica.score(test, "loss")
+        for t in range(cfg.train.steps):
+            engine.step(t)
+            expected[t] = replica.score(test, "loss")
+    finally:
+        torch.set_num_threads(threads)
+    scored = {t: m for t, m in zip(log["step"], log["test_metric"]) if not np.isnan(m)}
+    assert scored == {3: expected[3], 7: expected[7]}  # θ after steps 4 and 8
+    assert (result.metric_before, result.metric_after) == (expected[-1], expected[9])
+    line5, line10 = [line for line in lines if line.startswith("step")]  # log_every = 5
+    assert f"test loss {expected[3]:.4f}" in line5 and f"test loss {expected[7]:.4f}" in line10
+    assert (result.run_dir / "run.png").stat().st_size > 0
+
+
+def test_held_out_scores_without_test_data_are_said_to_be_off_and_the_run_trains(tmp_path):
+    lines, cfg = [], make_config(tmp_path, steps=4)
+    cfg.output.score_every = 2
+    result = train(build_mlp(), cross_entropy, blobs(), cfg, progress=lines.append)
+    assert "flops_dist: output.score_every = 2, but no test data was given (data.test, or test_data=): " \
+           "nothing will be scored" in lines
+    assert np.isnan(read_log(result.run_dir, "run_log").column("test_metric").to_numpy()).all()
+    assert result.metric_after is None
+
+
 def start_coordinator(cfg, test=None, train_data=None):
     ship_by_value(build_mlp(), cross_entropy)
     refs = {"model": ray.put(build_mlp()), "loss_fn": ray.put(cross_entropy), "sample": ray.put(blobs(8)),
@@ -290,7 +326,8 @@ def scrape(url: str) -> dict:
 
 def test_metrics_are_served_on_loopback_and_follow_from_the_run(tmp_path):
     cfg = make_config(tmp_path, steps=6)
-    coordinator = start_coordinator(cfg)
+    cfg.output.score_every = 4
+    coordinator = start_coordinator(cfg, test=blobs(60, seed=1))
     try:
         url = ray.get(coordinator.info.remote())["metrics_url"]
         assert url.startswith("http://127.0.0.1:")
@@ -310,6 +347,9 @@ def test_metrics_are_served_on_loopback_and_follow_from_the_run(tmp_path):
     assert m[("flops_allocation_gini", ())] == pytest.approx(records[-1]["allocation_gini"])
     assert m[("flops_allocator_lambda", (("param", "gamma"),))] == pytest.approx(records[-1]["lambda_gamma"])
     assert all(m[("flops_worker_query_rate", (("worker", w),))] > 0 for w in ("0", "1"))
+    scored = [r["test_metric"] for r in records]
+    assert np.isnan(scored[:3] + scored[4:]).all() and 0 < scored[3] <= 1  # θ after step 4 only
+    assert m[("flops_test_metric", (("metric", "accuracy"),))] == scored[3]
 
 
 def test_a_second_run_into_the_same_directory_is_refused_clearly(tmp_path):
