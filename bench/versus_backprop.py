@@ -29,8 +29,8 @@ Measured per run:
 - queries: a query is one example's forward at one perturbation (the run log's count; the clean
   forward at θ, one per example per step, is not counted). A backprop step on B examples counts 3B:
   a forward and a backward, which costs about two forwards.
-- held-out accuracy EVALS times per run: flops_dist snapshots θ at each progress line
-  (snapshot_every = log_every) and the driver scores that snapshot while the run waits.
+- held-out accuracy EVALS times per run: flops_dist scores θ itself (output.score_every), and the
+  scoring is not in the run log's step seconds; snapshots only at the start and the end.
 - target, per task: start accuracy + TARGET_FRACTION × (backprop's mean final − start); the time
   and queries to it are those of the first scored point at or above it (no interpolation). 0.2,
   because on digits no forward-only run of the learning-rate grid came near half way.
@@ -59,7 +59,6 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
-from torch.func import functional_call
 
 import flops_dist
 from common import EXAMPLES, example_job, fresh_dir, wait_for_idle_cluster
@@ -68,8 +67,6 @@ from flops_dist.data import load_dataset
 from flops_dist.engine import Engine
 from flops_dist.loading import build_model, load_callable
 from flops_dist.metrics import peak_rss_bytes
-from flops_dist.runlog import read_snapshot
-from flops_dist.targets import Target
 
 CPUS = 2
 EVALS = 8              # held-out scores per run after the start
@@ -153,14 +150,13 @@ def method_train(task: Task, method: str) -> dict:
 def method_config(task: Task, method: str, seed: int, run_dir: Path, lr: float | None = None) -> Config:
     raw = example_job(task.example, task.toml)
     raw["target"]["include"] = ["all"]
-    raw["data"]["test"] = ""  # the driver scores the snapshots itself
     steps = run_steps(task, method)
     every = max(1, steps // EVALS)
     lr = task.lrs[method] if lr is None else lr
     raw["train"].update(method_train(task, method) if method != "backprop" else {},
                         seed=seed, steps=steps, learning_rate=lr, optimizer="sgd")
     raw["cluster"] = {"workers": 2, "min_workers": 2, "num_cpus": CPUS}
-    raw["output"] = {"run_dir": str(run_dir), "log_every": every, "snapshot_every": every}
+    raw["output"] = {"run_dir": str(run_dir), "log_every": every, "score_every": every, "snapshot_every": 10**6}
     raw["metrics"] = {"port": -1}
     return Config.from_dict(raw, EXAMPLES / task.example)
 
@@ -168,46 +164,31 @@ def method_config(task: Task, method: str, seed: int, run_dir: Path, lr: float |
 # --- held-out accuracy
 
 @torch.no_grad()
-def accuracy(model, test, params: dict | None = None) -> float:
-    """Argmax accuracy on the test set, 200 examples at a time; `params` replace the model's own."""
+def accuracy(model, test) -> float:
+    """Argmax accuracy on the test set, 200 examples at a time."""
     correct = 0
     for batch in test.batches(200):
-        x = torch.from_numpy(batch.inputs)
-        out = model(x) if params is None else functional_call(model, params, (x,))
+        out = model(torch.from_numpy(batch.inputs))
         correct += int((out.argmax(-1).numpy() == batch.labels).sum())
     return correct / len(test)
-
-
-def snapshot_accuracy(model, test, path: Path) -> float:
-    """Held-out accuracy of the θ in a flops_dist snapshot (its hash checked on reading)."""
-    snap = read_snapshot(path)
-    params = Target.select(model, ["all"]).unflatten(torch.from_numpy(snap.tensors["theta"]))
-    return accuracy(model, test, params)
 
 
 # --- the runs
 
 def flops_dist_run(task: Task, method: str, seed: int, cfg: Config, setup: dict) -> tuple[Curve, list]:
-    """A forward-only run through flops_dist.train; the driver scores θ at each progress line, while
-    the coordinator waits for its next call. Returns the curve and the batch losses."""
-    run_dir, scores = Path(cfg.output.run_dir), {0: setup["start"]}
-
-    def score_newest(line: str = "step") -> None:
-        """Score the newest snapshot: at each progress line, and once more after the run, whose
-        final snapshot comes after its last progress line when log_every does not divide steps."""
-        if not line.startswith("step"):
-            return
-        path = max((run_dir / "snapshots").glob("step-*.safetensors"))
-        step = int(path.stem.split("-")[1])
-        if step not in scores:
-            scores[step] = snapshot_accuracy(setup["scorer"], setup["test"], path)
-            log(f"  {task.name} {method} seed {seed}: step {step}, held-out accuracy {scores[step]:.4f}")
+    """A forward-only run through flops_dist.train, scored on the held-out set every log_every steps
+    (output.score_every: the run log holds each score, and its seconds leave the scoring out).
+    Returns the curve and the batch losses."""
+    def progress(line: str) -> None:
+        if line.startswith("step"):
+            log(f"  {task.name} {method} seed {seed}: {line}")
 
     result = flops_dist.train(copy.deepcopy(setup["scorer"]), setup["loss_fn"], setup["train"], cfg,
-                              progress=score_newest)
-    score_newest()
+                              test_data=setup["test"], progress=progress)
     run = result.run_log.to_pydict()
     seconds, queries = np.cumsum([0.0] + run["seconds"]), np.cumsum([0] + run["queries"])
+    scores = {0: setup["start"], len(run["step"]): result.metric_after}  # the end's, where steps % every != 0
+    scores.update({t + 1: m for t, m in zip(run["step"], run["test_metric"]) if not np.isnan(m)})
     curve = Curve(task.name, method, seed, max(result.peak_memory["workers"]))
     for step, acc in sorted(scores.items()):
         curve.add(seconds[step], queries[step], acc)
