@@ -405,7 +405,7 @@ class Coordinator:
 
     def score(self) -> float | None:
         """The test metric at θ, streamed through any live replica a batch at a time, and set on
-        /metrics. Scored once per step reached: the last in-run score is the run's final one."""
+        /metrics. At most once per step: a score taken in the run serves the driver's final call."""
         if self.test_data is None:
             return None
         if self.scored[0] != self.step:

@@ -266,7 +266,7 @@ def _read_part(path: Path, first: int, last: int, schema: pa.Schema) -> tuple[pa
     try:
         table = pq.read_table(path, schema=schema)  # a column added since the part was written reads as nulls
         written = table.select([name for name in pq.read_schema(path).names if name in schema.names])
-    except (pa.ArrowInvalid, OSError, KeyError) as e:
+    except (pa.ArrowInvalid, OSError) as e:
         return None, f"unreadable: {e}"
     if table.column("step").to_pylist() != list(range(first, last + 1)):
         return None, "its steps do not match its name"
