@@ -44,13 +44,20 @@ def make_config(tmp_path, workers=2, steps=12, **train_fields):
     return cfg.validate()
 
 
-def reference_theta(cfg):
+def reference_steps(cfg):
+    """The local reference: its replica before the first step and after each step (one object)."""
     spec = ReplicaSpec(sigma=cfg.train.sigma, noise=cfg.train.noise, optimizer=cfg.train.optimizer_config(),
                        embedding_module=cfg.target.embedding_module)
     replica = Replica(build_mlp(), cross_entropy, blobs(), spec)
     engine = Engine(cfg.train, LocalExecutor([replica]), blobs(), replica.d)
+    yield replica
     for t in range(cfg.train.steps):
         engine.step(t)
+        yield replica
+
+
+def reference_theta(cfg):
+    *_, replica = reference_steps(cfg)
     return replica.theta
 
 
@@ -166,16 +173,10 @@ def test_held_out_scores_every_few_steps_are_those_of_the_reference_and_reach_lo
     cfg.data.metric, cfg.output.score_every = "loss", 4  # a loss moves every step, accuracy may not
     result = train(build_mlp(), cross_entropy, blobs(), cfg, test_data=test, progress=lines.append)
     log = read_log(result.run_dir, "run_log").to_pydict()
-    spec = ReplicaSpec(sigma=cfg.train.sigma, noise=cfg.train.noise, optimizer=cfg.train.optimizer_config(),
-                       embedding_module=cfg.target.embedding_module)
-    replica = Replica(build_mlp(), cross_entropy, blobs(), spec)
-    engine, expected, threads = Engine(cfg.train, LocalExecutor([replica]), blobs(), replica.d), {}, torch.get_num_threads()
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as a worker scores: the same θ and the same ops give the same bits
-    try:
-        expected[-1] = replica.score(test, "loss")
-        for t in range(cfg.train.steps):
-            engine.step(t)
-            expected[t] = replica.score(test, "loss")
+    try:  # expected[t]: after step t; expected[-1]: before the first
+        expected = dict(enumerate((replica.score(test, "loss") for replica in reference_steps(cfg)), start=-1))
     finally:
         torch.set_num_threads(threads)
     scored = {t: m for t, m in zip(log["step"], log["test_metric"]) if not np.isnan(m)}
