@@ -21,35 +21,57 @@ ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free now: all held open together, so none is handed out twice."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @pytest.fixture(scope="module")
-def ray_head():
+def ray_head(tmp_path_factory):
     """A head of its own: `ray start --block` in a new session, stopped by signalling that session
-    alone (`ray stop` would stop every Ray on the machine, other tests' and users' too)."""
+    alone (`ray stop` would stop every Ray on the machine, other tests' and users' too).
+
+    Every port is chosen here. `ray start --head` otherwise takes 10001 for its client server and
+    52365 for its agent: another Ray on the machine holding 10001 makes the head exit at once, and
+    one holding 52365 leaves it without the job agent that `ray job submit` needs."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    dashboard = free_port()
-    head = subprocess.Popen([RAY, "start", "--head", f"--port={free_port()}", f"--dashboard-port={dashboard}",
-                             "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
-                             "--disable-usage-stats", "--block"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    gcs, dashboard, client, agent = free_ports(4)
+    output = tmp_path_factory.mktemp("ray_head") / "ray_start.log"
+    with output.open("w") as log:
+        head = subprocess.Popen([RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
+                                 "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+                                 f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+                                 "--num-cpus=2", "--disable-usage-stats", "--block"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.monotonic() + 180
         while ray_job("list", "--address", address).returncode != 0:
-            assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not start"
+            assert head.poll() is None and time.monotonic() < deadline, \
+                f"the Ray head did not start (exit code {head.poll()}); `ray start` printed:\n" \
+                + output.read_text()[-4000:]
             time.sleep(2)
         yield address
     finally:
+        stop_session(head)
+
+
+def stop_session(head: subprocess.Popen) -> None:
+    try:
         os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the head and all it started have exited already
+        return
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
 
 
 def ray_job(*args):
