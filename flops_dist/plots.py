@@ -3,7 +3,6 @@ allocation histograms, from its run log."""
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import matplotlib
@@ -12,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .config import read_raw  # noqa: E402
 from .runlog import read_log, write_atomically  # noqa: E402
 
 
@@ -31,7 +31,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     test = np.array(log["test_metric"], float)  # NaN (or null, in an older log) where not scored
     scored, curves = ~np.isnan(test), [ax_loss]
     if scored.any():
-        metric = json.loads((run_dir / "config.json").read_text())["data"]["metric"]
+        metric = read_raw(run_dir / "config.json")["data"]["metric"]
         ax_test = ax_loss.twinx()
         ax_test.plot(queries[scored], test[scored], "o-", color="C3", label=f"held-out {metric}")
         ax_test.set_ylabel(f"held-out {metric}")
